@@ -1,0 +1,342 @@
+"""One typed configuration schema for clipzss.
+
+Defaults (with the reason for each) live here, in code. YAML files are *deltas* on top of these
+defaults, and ``a.b=value`` strings are deltas on top of the YAML. Every key is validated: an unknown
+key or a value of the wrong type raises :class:`ConfigError` naming the dotted key and what is allowed.
+
+The dotted names (``plm.kmeans.scales``) are the single naming shared by the command line, the Optuna
+search spaces in ``sweeps/`` and the MLflow params of every run.
+
+Fields marked [choice] are defaults that METHOD.md chose where the paper is silent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is not valid; the message names the dotted key."""
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, which zero-shot split, and how images are augmented and tested."""
+
+    dataset: str = "voc"  # one of clipzss.data.datasets.DATASETS (voc, coco_stuff, context59, context60, ade20k, synthetic)
+    root: str = "data/VOCdevkit/VOC2012"  # dataset root in its mmsegmentation-converted layout
+    split: str = "default"  # zero-shot split name in clipzss/data/splits.yaml (context59: "zs3" or "cascade")
+    eval_dataset: str = ""  # cross-dataset evaluation target ("" = the training dataset's own val split)
+    eval_root: str = ""  # root of eval_dataset
+    crop_size: int = 512  # square training crop, pixels
+    scale: tuple[int, int] = (2048, 512)  # mmseg img_scale: (long side max, short side) before ratio jitter
+    ratio_range: tuple[float, float] = (0.5, 2.0)  # random resize ratio range
+    cat_max_ratio: float = 0.75  # a crop may not be covered by one class above this fraction (10 retries)
+    flip_prob: float = 0.5
+    photometric: bool = True  # brightness / contrast / saturation / hue distortion
+    batch_size: int = 16  # per process
+    num_workers: int = 4
+    test_short_side: int = 512  # resize so the short side is this before sliding-window inference
+    test_window: int = 512  # sliding window size
+    test_stride: int = 426  # sliding window stride
+    max_eval_images: int = 0  # 0 = all validation images; >0 truncates (quick periodic checks)
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen CLIP teacher (open_clip). Used in training only, and for text embeddings at test time."""
+
+    model: str = "ViT-B-16"  # open_clip model name, or a path to an open_clip model-config JSON
+    pretrained: str = "openai"  # open_clip pretrained tag, a local checkpoint path, or "" for random init
+    dense: Literal["value", "tokens"] = "value"  # [choice] MaskCLIP value path, or plain last-layer tokens
+    templates: Literal["zegclip", "single"] = "zegclip"  # prompt-template ensemble for the text classifier
+    cache_dir: str = "~/.cache/clipzss/text"  # on-disk cache of text classifiers, keyed by model/classes/templates
+
+
+@dataclass
+class StudentConfig:
+    """The closed-set segmenter being trained; its classifier is replaced by a 1x1 projection to C."""
+
+    arch: str = "segformer_b0"  # one of clipzss.models.students.STUDENTS
+    pretrained: str = ""  # backbone weights through the library's own mechanism: "" = random init
+    decoder_channels: int = 256  # width of the decode head
+
+
+@dataclass
+class GLMConfig:
+    """Global Learning Module: CLS-query attention pooling + InfoNCE against the teacher CLS."""
+
+    weight: float = 1.0  # w_g; 0 disables (the module is not built)
+    tau: float = 0.07  # [choice] InfoNCE temperature
+    bank_size: int = 1024  # [choice] FIFO bank of past teacher CLS embeddings used as extra negatives
+
+
+@dataclass
+class KMeansConfig:
+    """Multi-scale cosine K-Means on the teacher's dense tokens."""
+
+    scales: tuple[int, ...] = (4, 8, 16)  # [choice] window sizes in tokens; K per scale = number of windows
+    iters: int = 10  # [choice] Lloyd iterations per scale
+    fuse_threshold: float = 0.85  # [choice] lambda: centroids of different scales above this are fused
+    drop_seen_ratio: float = 0.5  # [choice] a cluster whose pixels are mostly (> this) seen-labelled is dropped
+
+
+@dataclass
+class SynthesizerConfig:
+    """Pseudo-weight generator: a transformer decoder, queries = region centroids, keys = teacher CLS."""
+
+    enabled: bool = True  # False: potential-class channels use the raw region centroids
+    layers: int = 1  # [choice]
+    heads: int = 8  # [choice]
+    dense_memory: bool = False  # [choice] also attend to the teacher's dense tokens
+
+
+@dataclass
+class PLMConfig:
+    """Pixel Learning Module: pseudo labels, the synthesizer, and the pixel losses."""
+
+    enabled: bool = True  # False: plain seen-class training (text classifier only), no pseudo labels
+    kmeans: KMeansConfig = field(default_factory=KMeansConfig)
+    synthesizer: SynthesizerConfig = field(default_factory=SynthesizerConfig)
+    nel_weight: float = 1.0  # [choice] w_nel (focal x100 + dice inside, ZegCLIP)
+    ce_weight: float = 1.0  # [choice] w_ce
+    bce_weight: float = 1.0  # [choice] w_bce on seen prototypes vs seen text
+    use_pseudo_channels: bool = True  # False: F keeps only seen labels (one-scale / no-PLM ablations stay separate)
+
+
+@dataclass
+class LossConfig:
+    """Logit scales shared by training and inference."""
+
+    alpha: float = 1 / 0.07  # [choice] scale of cos(R, T_seen)
+    beta: float = 1 / 0.07  # [choice] scale of cos(R, P_pseudo)
+    learnable_scale: bool = False  # [choice] learn alpha and beta (log-parametrised)
+    seen_ce_weight: float = 1.0  # weight of the seen-class CE/NEL when PLM is off (baseline)
+
+
+@dataclass
+class OptimConfig:
+    """ZegCLIP's recipe [choice]."""
+
+    lr: float = 2e-5
+    head_lr_mult: float = 10.0  # decode head, projection, synthesizer
+    weight_decay: float = 0.01
+    warmup_iters: int = 1500
+    poly_power: float = 0.9
+    max_iters: int = 20000  # VOC 20k, COCO-Stuff 80k, Context 40k
+    grad_accum: int = 1
+    grad_clip: float = 0.0  # 0 = no clipping
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking."""
+
+    enabled: bool = True
+    uri: str = ""  # "" = sqlite:///<output_dir>/../mlflow.db (local store); or an MLflow server URI
+    experiment: str = "clipzss"
+    run_name: str = ""  # "" = derived from the output directory
+    log_images: bool = True  # segmentation overlays and pseudo-label maps at each evaluation
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go, and how often things happen."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    log_interval: int = 50
+    eval_interval: int = 2000  # 0 = only at the end
+    checkpoint_interval: int = 2000  # 0 = only at the end
+    device: Literal["auto", "cpu"] = "auto"  # "cpu" forces CPU even where CUDA exists
+    progress: bool = True  # show progress bars
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    glm: GLMConfig = field(default_factory=GLMConfig)
+    plm: PLMConfig = field(default_factory=PLMConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def preset_path(name: str) -> Path:
+    """Path of a YAML preset shipped with the package (``synthetic``, ``voc``, ...) or a user file."""
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.exists():
+        return candidate
+    shipped = PRESET_DIR / f"{name}.yaml"
+    if shipped.exists():
+        return shipped
+    available = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file {name!r} not found (shipped presets: {', '.join(available)})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config: code defaults, then the YAML delta at ``path``, then ``a.b=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        file = preset_path(str(path))
+        with open(file) as f:
+            delta = yaml.safe_load(f) or {}
+        if not isinstance(delta, dict):
+            raise ConfigError(f"{file}: top level must be a mapping of sections, got {type(delta).__name__}")
+        apply_delta(cfg, delta, source=str(file))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        set_value(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "", source="command line")
+    return cfg
+
+
+def apply_delta(cfg: Any, delta: dict, prefix: str = "", source: str = "") -> None:
+    """Merge a nested mapping into a dataclass instance, validating every key and value."""
+    for key, value in delta.items():
+        dotted = f"{prefix}{key}"
+        current = _field(cfg, str(key), dotted, source)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{_where(source)}{dotted}: is a section; expected a mapping, got {value!r}")
+            apply_delta(current, value, prefix=f"{dotted}.", source=source)
+        else:
+            set_value(cfg, str(key), value, source=source, prefix=prefix)
+
+
+def set_value(cfg: Any, dotted: str, value: Any, source: str = "", prefix: str = "") -> None:
+    """Set ``dotted`` (relative to ``cfg``) to ``value`` after checking its type against the schema."""
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    walked = prefix
+    for part in parents:
+        walked += part
+        node = _field(node, part, walked, source)
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"{_where(source)}{walked}: is a value, not a section")
+        walked += "."
+    full = walked + leaf
+    current = _field(node, leaf, full, source)
+    if dataclasses.is_dataclass(current):
+        raise ConfigError(f"{_where(source)}{full}: is a section; set one of its keys ({_keys(current)})")
+    hint = typing.get_type_hints(type(node))[leaf]
+    setattr(node, leaf, _coerce(value, hint, full, source))
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted-key view of a config: ``{"plm.kmeans.scales": (4, 8, 16), ...}``."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain-Python view (tuples as lists) suitable for YAML or JSON."""
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return {
+        f.name: to_dict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name)) else plain(getattr(cfg, f.name))
+        for f in dataclasses.fields(cfg)
+    }
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(cfg))
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a Config from a (possibly partial) nested mapping, e.g. one saved beside a checkpoint."""
+    cfg = Config()
+    apply_delta(cfg, data, source="saved config")
+    return cfg
+
+
+def _where(source: str) -> str:
+    return f"{source}: " if source else ""
+
+
+def _keys(node: Any) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(node))
+
+
+def _field(node: Any, name: str, dotted: str, source: str) -> Any:
+    names = {f.name for f in dataclasses.fields(node)}
+    if name not in names:
+        raise ConfigError(f"{_where(source)}unknown config key {dotted!r}; allowed here: {_keys(node)}")
+    return getattr(node, name)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``hint``; return it in the schema's canonical type."""
+    origin, args = get_origin(hint), get_args(hint)
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{_where(source)}{key}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    if origin is Literal:
+        if value not in args:
+            raise fail("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in args:
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise fail(" or ".join(getattr(a, "__name__", str(a)) for a in args))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise fail(f"a list ({hint})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise fail(f"a list of {len(args)} values ({hint})")
+        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    raise fail(str(hint))  # pragma: no cover - a schema annotation this function does not know
