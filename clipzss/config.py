@@ -30,7 +30,9 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which dataset, which zero-shot split, and how images are augmented and tested."""
 
-    dataset: str = "voc"  # one of clipzss.data.datasets.DATASETS (voc, coco_stuff, context59, context60, ade20k, synthetic)
+    dataset: str = (
+        "voc"  # one of clipzss.data.datasets.DATASETS (voc, coco_stuff, context59, context60, ade20k, synthetic)
+    )
     root: str = "data/VOCdevkit/VOC2012"  # dataset root in its mmsegmentation-converted layout
     split: str = "default"  # zero-shot split name in clipzss/data/splits.yaml (context59: "zs3" or "cascade")
     eval_dataset: str = ""  # cross-dataset evaluation target ("" = the training dataset's own val split)
@@ -102,13 +104,12 @@ class SynthesizerConfig:
 class PLMConfig:
     """Pixel Learning Module: pseudo labels, the synthesizer, and the pixel losses."""
 
-    enabled: bool = True  # False: plain seen-class training (text classifier only), no pseudo labels
+    enabled: bool = True  # False: seen-class NEL + CE on the text classifier only (no pseudo labels, no synthesizer)
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
     synthesizer: SynthesizerConfig = field(default_factory=SynthesizerConfig)
     nel_weight: float = 1.0  # [choice] w_nel (focal x100 + dice inside, ZegCLIP)
     ce_weight: float = 1.0  # [choice] w_ce
     bce_weight: float = 1.0  # [choice] w_bce on seen prototypes vs seen text
-    use_pseudo_channels: bool = True  # False: F keeps only seen labels (one-scale / no-PLM ablations stay separate)
 
 
 @dataclass
@@ -118,7 +119,6 @@ class LossConfig:
     alpha: float = 1 / 0.07  # [choice] scale of cos(R, T_seen)
     beta: float = 1 / 0.07  # [choice] scale of cos(R, P_pseudo)
     learnable_scale: bool = False  # [choice] learn alpha and beta (log-parametrised)
-    seen_ce_weight: float = 1.0  # weight of the seen-class CE/NEL when PLM is off (baseline)
 
 
 @dataclass
@@ -141,10 +141,11 @@ class TrackingConfig:
     """MLflow tracking."""
 
     enabled: bool = True
-    uri: str = ""  # "" = sqlite:///<output_dir>/../mlflow.db (local store); or an MLflow server URI
+    uri: str = ""  # "" = sqlite:///<working dir>/mlflow.db (local store); or an MLflow server URI
     experiment: str = "clipzss"
     run_name: str = ""  # "" = derived from the output directory
     log_images: bool = True  # segmentation overlays and pseudo-label maps at each evaluation
+    parent_run_id: str = ""  # nest this run under another MLflow run (the ablation table's run, a sweep's run)
 
 
 @dataclass
@@ -259,7 +260,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         return list(v) if isinstance(v, tuple) else v
 
     return {
-        f.name: to_dict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name)) else plain(getattr(cfg, f.name))
+        f.name: to_dict(getattr(cfg, f.name))
+        if dataclasses.is_dataclass(getattr(cfg, f.name))
+        else plain(getattr(cfg, f.name))
         for f in dataclasses.fields(cfg)
     }
 
@@ -322,7 +325,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             return tuple(_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
         if len(value) != len(args):
             raise fail(f"a list of {len(args)} values ({hint})")
-        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if hint is bool:
         if not isinstance(value, bool):
             raise fail("true or false")

@@ -1,0 +1,102 @@
+"""Open-vocabulary segmentation with a trained student: the Python API behind ``clipzss segment`` / ``eval``.
+
+Only the student runs on images. CLIP's text tower embeds the vocabulary once; no CLIP image forward at test time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipzss.config import Config, from_dict
+from clipzss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from clipzss.engine.checkpoint import load_model_bundle
+from clipzss.engine.inference import predict
+from clipzss.engine.visualize import overlay, side_by_side, upscale, with_legend
+from clipzss.models.students import build_student
+from clipzss.models.teacher import CLIPTeacher
+
+
+class OpenVocabSegmenter:
+    """A trained student plus text embeddings of a vocabulary.
+
+    Example:
+        >>> seg = OpenVocabSegmenter.from_checkpoint("runs/synthetic/model.pt")
+        >>> seg.set_vocabulary(["red star", "blue ring"])
+        >>> labels = seg.segment(Image.open("scene.png"))   # [H, W] ids into the vocabulary
+    """
+
+    def __init__(self, cfg: Config, student: torch.nn.Module, alpha: float, device: str | torch.device = "cpu"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.student = student.to(self.device).eval()
+        self.alpha = alpha
+        self._text_encoder = CLIPTeacher(cfg.teacher)  # text tower only is used
+        self.vocabulary: list[str] = []
+        self.text = torch.empty(0)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> OpenVocabSegmenter:
+        """Load an exported ``model.pt`` (or a training checkpoint) with its saved config."""
+        bundle = load_model_bundle(path)
+        cfg = from_dict(bundle["config"])
+        text_dim = bundle.get("embed_dim")
+        teacher_dim = text_dim if text_dim is not None else CLIPTeacher(cfg.teacher).embed_dim
+        student = build_student(cfg.student, teacher_dim)
+        student.load_state_dict(bundle["student"])
+        return cls(cfg, student, float(bundle.get("alpha", cfg.loss.alpha)), device)
+
+    def set_vocabulary(self, class_names: Sequence[str]) -> None:
+        """Embed the class names once (prompt ensemble); every later ``segment`` call reuses them."""
+        names = [n.strip() for n in class_names if n.strip()]
+        if not names:
+            raise ValueError("the vocabulary is empty: give at least one class name")
+        self.vocabulary = names
+        self.text = self._text_encoder.encode_text(names).to(self.device)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB image -> normalised [3, H', W'] with the short side resized to ``data.test_short_side``."""
+        rgb = image.convert("RGB")
+        short = self.cfg.data.test_short_side
+        scale = short / min(rgb.size)
+        rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BILINEAR)
+        array = (np.asarray(rgb, dtype=np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+        return torch.from_numpy(array.transpose(2, 0, 1).copy()).float()
+
+    @torch.no_grad()
+    def segment(self, image: Image.Image) -> np.ndarray:
+        """Class ids [H, W] (at the input image's size) into ``self.vocabulary``."""
+        if not self.vocabulary:
+            raise RuntimeError("call set_vocabulary(...) before segment(...)")
+        tensor = self.preprocess(image).to(self.device)
+        d = self.cfg.data
+        return (
+            predict(self.student, tensor, self.text, self.alpha, d.test_window, d.test_stride, image.size[::-1])
+            .cpu()
+            .numpy()
+        )
+
+    def overlay_with_legend(self, image: Image.Image, labels: np.ndarray) -> np.ndarray:
+        """Image | overlay, with a legend of the classes present."""
+        rgb = np.asarray(image.convert("RGB"))
+        n = len(self.vocabulary)
+        present = sorted(np.unique(labels).tolist())
+        return with_legend(side_by_side(upscale(rgb), upscale(overlay(rgb, labels, n))), self.vocabulary, present, n)
+
+    def segment_file(self, path: str | Path, out_dir: str | Path) -> Path:
+        """Segment one image file and write ``<out_dir>/<stem>_seg.png`` (overlay + legend)."""
+        path = Path(path)
+        try:
+            with Image.open(path) as raw:
+                image = raw.convert("RGB")
+        except OSError as e:
+            raise ValueError(f"cannot read image {path}: {e}") from e
+        labels = self.segment(image)
+        out = Path(out_dir) / f"{path.stem}_seg.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(self.overlay_with_legend(image, labels)).save(out)
+        return out
