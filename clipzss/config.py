@@ -335,6 +335,11 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise fail("an integer")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise fail("a number")
         return float(value)
