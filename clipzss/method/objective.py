@@ -1,0 +1,134 @@
+"""The CLIP-ZSS objective: every loss term of METHOD.md in one module, returning ``(losses, report)``.
+
+L = w_g L_global + w_nel L_nel(x, F) + w_ce CE(x, F) + w_bce L_bce, with training logits
+x = cat(alpha R^T T_seen, beta cos(R, P_pseudo)). A module is built only when its term is enabled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clipzss.config import Config
+from clipzss.distributed import gather_with_grad, world_info
+from clipzss.method.glm import GlobalLoss, attention_pool
+from clipzss.method.nel import NonMutuallyExclusiveLoss
+from clipzss.method.plm import PixelLearning
+from clipzss.method.pseudo_labels import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from clipzss.models.teacher import TeacherOutput
+
+
+def seen_logits(R: Tensor, text: Tensor, alpha: Tensor | float) -> Tensor:
+    """Class logits alpha * cos(R, T), used for training (seen classes) and inference (any vocabulary).
+
+    Args:
+        R: [B, C, h, w] student features.
+        text: [N, C] class text embeddings.
+        alpha: logit scale.
+
+    Returns:
+        [B, N, h, w].
+    """
+    return alpha * torch.einsum("bchw,nc->bnhw", F.normalize(R, dim=1), F.normalize(text, dim=-1))
+
+
+class CLIPZSSObjective(nn.Module):
+    """Student features + frozen-teacher outputs + seen labels -> named loss terms and logged scalars.
+
+    Args:
+        cfg: the whole config (reads ``glm``, ``plm`` and ``loss``).
+        seen_text: [Ns, C] seen-class text embeddings (normalised here; a non-persistent buffer).
+    """
+
+    def __init__(self, cfg: Config, seen_text: Tensor) -> None:
+        super().__init__()
+        self.cfg = cfg
+        embed_dim = seen_text.shape[1]
+        self.register_buffer("seen_text", F.normalize(seen_text.detach().float(), dim=-1), persistent=False)
+        self.glm = GlobalLoss(embed_dim, cfg.glm.tau, cfg.glm.bank_size) if cfg.glm.weight > 0 else None
+        self.plm = PixelLearning(cfg.plm, embed_dim) if cfg.plm.enabled else None
+        self.nel = NonMutuallyExclusiveLoss()
+        if cfg.loss.learnable_scale:
+            self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.loss.alpha)))
+            self.log_beta = nn.Parameter(torch.tensor(math.log(cfg.loss.beta)))
+
+    @property
+    def needs_teacher(self) -> bool:
+        """False when neither GLM nor PLM is enabled: the baseline trains without running CLIP."""
+        return self.glm is not None or self.plm is not None
+
+    def scales(self) -> tuple[Tensor, Tensor]:
+        """(alpha, beta): learnt (exp of log-parameters) or the configured constants."""
+        if self.cfg.loss.learnable_scale:
+            return self.log_alpha.exp(), self.log_beta.exp()
+        device = self.seen_text.device
+        return torch.tensor(self.cfg.loss.alpha, device=device), torch.tensor(self.cfg.loss.beta, device=device)
+
+    def forward(
+        self,
+        R: Tensor,
+        teacher: TeacherOutput | None,
+        labels: Tensor,
+        gather: Callable[[Tensor], Tensor] = gather_with_grad,
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """All enabled loss terms.
+
+        Args:
+            R: [B, C, h, w] student features.
+            teacher: .cls [B, C] and .dense [B, C, h', w'] (normalised), from the frozen teacher under no_grad;
+                may be None only when ``needs_teacher`` is False.
+            labels: [B, H, W] long, seen class ids 0..Ns-1 or 255.
+            gather: all-gathers [B, C] along dim 0 over processes (identity on one process). Every process must
+                hold the same B: this process's rows are taken to start at rank * B of the gathered tensor.
+
+        Returns:
+            (losses, report): losses holds "glm", "nel", "ce", "bce" (enabled terms only) and "total" (their
+            weighted sum, the one to backpropagate); report holds detached scalars that are logged, never summed.
+        """
+        if teacher is None and self.needs_teacher:
+            raise ValueError("CLIPZSSObjective: teacher outputs are required when glm.weight > 0 or plm.enabled")
+        cfg = self.cfg
+        alpha, beta = self.scales()
+        losses: dict[str, Tensor] = {}
+        report: dict[str, Tensor] = {"scale/alpha": alpha.detach(), "scale/beta": beta.detach()}
+        if self.glm is not None:
+            S = teacher.cls
+            rank, _ = world_info()
+            losses["glm"] = self.glm(attention_pool(S, R), S, gather(S), rank * S.shape[0])
+
+        x = seen_logits(R, self.seen_text.to(R.dtype), alpha)  # [B, Ns, h, w]
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # [B, N]
+        target = labels
+        if self.plm is not None:
+            out = self.plm(R, teacher, labels, self.seen_text.to(R.dtype), alpha, beta)
+            x = torch.cat([x, out.potential_logits], dim=1)  # [B, Ns + Kp, h, w]
+            valid = torch.cat([valid, out.potential_valid], dim=1)
+            target = out.labels
+            report.update(out.report)
+            if out.bce is not None and cfg.plm.bce_weight > 0:
+                losses["bce"] = out.bce
+        x = F.interpolate(x, size=labels.shape[-2:], mode="bilinear", align_corners=False)  # [B, N, H, W]
+        if cfg.plm.nel_weight > 0:
+            losses["nel"] = self.nel(x, target, valid)
+        if cfg.plm.ce_weight > 0:
+            masked = x.float().masked_fill(~valid[:, :, None, None], float("-inf"))  # padded channels never win
+            ce = F.cross_entropy(masked, target, ignore_index=IGNORE_INDEX, reduction="sum")
+            losses["ce"] = ce / (target != IGNORE_INDEX).sum().clamp_min(1)
+
+        weights = {"glm": cfg.glm.weight, "nel": cfg.plm.nel_weight, "ce": cfg.plm.ce_weight, "bce": cfg.plm.bce_weight}
+        losses["total"] = sum((weights[name] * value for name, value in losses.items()), R.new_zeros(()))
+        return losses, report
+
+    @torch.no_grad()
+    def pseudo_labels(self, teacher: TeacherOutput, labels: Tensor) -> Tensor:
+        """The fused labels F [B, H, W] (for visualisation and tests); the labels themselves when PLM is off."""
+        if self.plm is None:
+            return labels.clone()
+        return self.plm.pseudo_labels(teacher.dense, labels, self.seen_text.shape[0])[0]

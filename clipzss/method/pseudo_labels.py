@@ -1,0 +1,102 @@
+"""Mask fusion across scales and the fused label map F (METHOD.md, PLM part 1, steps 3-4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clipzss.method.kmeans import KMeansResult
+
+IGNORE_INDEX = 255
+
+
+def fuse_clusters(result: KMeansResult, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Fuse similar clusters of different scales, then give every token one cluster of the fused set.
+
+    Pairs of centroids from DIFFERENT scales with cosine > ``threshold`` (lambda) are fused greedily in order of
+    decreasing similarity, each centroid taking part in at most one fusion; a fused cluster's centroid is the
+    renormalised mean of the pair (its mask, before re-assignment, is the union of both masks). The fused set is
+    the fused centroids plus every unfused centroid of every scale, and each token goes to its argmax centroid
+    among all of them: this is how the clusters of all scales become one label map. Clusters left without tokens
+    are removed and the rest re-indexed compactly, in order of (first member's scale, id).
+
+    The similarities, re-assignment and compaction are batched; only the greedy matching loops, per image, over
+    the candidate pairs above the threshold (on CPU lists, not over pixels).
+
+    Args:
+        result: multi-scale K-Means clusters (tokens [B, L, C], centroids per scale [B, K_s, C]).
+        threshold: lambda, the cosine above which two centroids of different scales are fused.
+
+    Returns:
+        (assign [B, L] fused-cluster id in 0..K_f-1 of each token, num_clusters [B] = K_f per image,
+        centroids [B, Kmax, C] of the fused clusters, rows >= K_f zero).
+    """
+    cents = torch.cat(result.centroids, dim=1)  # [B, K, C], K = sum_s K_s
+    B, K, C = cents.shape
+    scale_of = torch.cat([torch.full((c.shape[1],), i, device=cents.device) for i, c in enumerate(result.centroids)])
+    sim = torch.bmm(cents, cents.transpose(1, 2))  # [B, K, K]
+    first, second = torch.triu_indices(K, K, offset=1, device=cents.device)
+    cross = scale_of[first] != scale_of[second]
+    first, second = first[cross], second[cross]  # [P] candidate pairs of different scales
+    pair_sim = sim[:, first, second]  # [B, P]
+    order = pair_sim.argsort(dim=1, descending=True, stable=True)
+    above = (pair_sim.gather(1, order) > threshold).sum(1).tolist()
+    order, first, second = order.tolist(), first.tolist(), second.tolist()
+
+    # partner[b, k] = the centroid fused with k (k itself when unfused); the fused set is {(k, partner) : k <= partner}
+    partner = [list(range(K)) for _ in range(B)]
+    for b in range(B):
+        for p in order[b][: above[b]]:
+            i, j = first[p], second[p]
+            if partner[b][i] == i and partner[b][j] == j:  # neither used yet
+                partner[b][i], partner[b][j] = j, i
+    partner = torch.tensor(partner, device=cents.device)  # [B, K]
+    slot_valid = partner >= torch.arange(K, device=cents.device)  # one slot per fused pair (lower id) or unfused
+    fused = F.normalize(cents + cents.gather(1, partner[..., None].expand(-1, -1, C)), dim=-1)  # mean, renormalised
+
+    tokens_sim = torch.bmm(result.tokens, fused.transpose(1, 2))  # [B, L, K]
+    assign = tokens_sim.masked_fill(~slot_valid[:, None, :], float("-inf")).argmax(-1)  # [B, L]
+    counts = torch.zeros(B, K, dtype=torch.long, device=cents.device).scatter_add_(1, assign, torch.ones_like(assign))
+    keep = counts > 0  # [B, K]
+    new_id = keep.cumsum(1) - 1  # compact ids of kept slots
+    num_clusters = keep.sum(1)
+    out = cents.new_zeros(B, int(num_clusters.max()), C)
+    rows, slots = keep.nonzero(as_tuple=True)
+    out[rows, new_id[rows, slots]] = fused[rows, slots]
+    return new_id.gather(1, assign), num_clusters, out
+
+
+def fused_labels(
+    seen_labels: Tensor, clusters: Tensor, num_seen: int, drop_seen_ratio: float, ignore_index: int = IGNORE_INDEX
+) -> Tensor:
+    """The fused label map F: seen labels where annotated, potential-class ids on the ignore pixels.
+
+    The cluster map is upsampled (nearest) to the label size. Per image, a cluster whose pixels are mostly
+    (fraction > ``drop_seen_ratio``) seen-labelled, or that has no ignore pixel, is dropped and its ignore pixels
+    stay ``ignore_index``; the kept clusters are re-indexed compactly (in cluster-id order) and their ignore
+    pixels take ``num_seen + new id``.
+
+    Args:
+        seen_labels: [B, H, W] long, seen class id in 0..Ns-1 or ``ignore_index``.
+        clusters: [B, h, w] long, cluster id per token (0..K-1).
+        num_seen: Ns.
+        drop_seen_ratio: the seen-pixel fraction above which a cluster is dropped.
+        ignore_index: the ignore label (255).
+
+    Returns:
+        [B, H, W] long: F, in 0..Ns-1 (seen), Ns..Ns+Kp-1 (potential, Kp kept clusters of that image) or ignore.
+    """
+    B, H, W = seen_labels.shape
+    up = F.interpolate(clusters[:, None].float(), size=(H, W), mode="nearest")[:, 0].long()  # [B, H, W]
+    K = int(clusters.max()) + 1
+    ignored = seen_labels == ignore_index
+    flat = (up + K * torch.arange(B, device=up.device)[:, None, None]).flatten()  # ids into B*K
+    total = torch.bincount(flat, minlength=B * K).view(B, K)
+    unlabelled = torch.bincount(flat, weights=ignored.flatten().float(), minlength=B * K).view(B, K)
+    seen_fraction = (total - unlabelled) / total.clamp_min(1)
+    keep = (unlabelled > 0) & (seen_fraction <= drop_seen_ratio)  # [B, K]
+    new_id = keep.cumsum(1) - 1
+    kept = keep.gather(1, up.flatten(1)).view(B, H, W)
+    potential = num_seen + new_id.gather(1, up.flatten(1)).view(B, H, W)
+    return torch.where(ignored, torch.where(kept, potential, ignore_index), seen_labels)

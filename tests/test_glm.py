@@ -1,0 +1,85 @@
+"""GLM: attention pooling and the gathered InfoNCE with a FIFO bank."""
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+
+from clipzss.method.glm import GlobalLoss, attention_pool
+
+
+def test_attention_pool_matches_loop():
+    S, R = torch.randn(3, 8), torch.randn(3, 8, 4, 5)
+    out = attention_pool(S, R)
+    for b in range(3):
+        tokens = R[b].flatten(1).T  # [L, C]
+        weights = torch.softmax(tokens @ S[b] / math.sqrt(8), dim=0)
+        torch.testing.assert_close(out[b], (weights[:, None] * tokens).sum(0))
+
+
+def infonce_reference(S_hat, S, bank, tau):
+    """The METHOD.md formula, one image at a time."""
+    terms = []
+    for i in range(S_hat.shape[0]):
+        s_hat = F.normalize(S_hat[i], dim=0)
+        pos = torch.exp(S[i] @ s_hat / tau)
+        neg = sum(torch.exp(S[j] @ s_hat / tau) for j in range(S.shape[0]) if j != i)
+        neg = neg + sum(torch.exp(v @ s_hat / tau) for v in bank)
+        terms.append(-torch.log(pos / (pos + neg)))
+    return torch.stack(terms).mean()
+
+
+def filled_loss(bank_size=6, filled=3, C=8):
+    loss = GlobalLoss(C, tau=0.5, bank_size=bank_size)
+    loss._enqueue(F.normalize(torch.randn(filled, C), dim=-1))
+    return loss
+
+
+def test_matches_reference_with_partly_filled_bank():
+    loss = filled_loss()
+    S, S_hat = F.normalize(torch.randn(4, 8), dim=-1), torch.randn(4, 8, dtype=torch.float32)
+    expected = infonce_reference(S_hat, S, loss.bank[:3], tau=0.5)
+    torch.testing.assert_close(loss(S_hat, S, S, 0), expected)
+
+
+def test_two_process_split_equals_single_process():
+    S = F.normalize(torch.randn(6, 8), dim=-1)
+    S_hat = torch.randn(6, 8, requires_grad=True)
+    single = filled_loss()
+    ranks = [copy.deepcopy(single), copy.deepcopy(single)]
+    full = single(S_hat, S, S, 0)
+    (full_grad,) = torch.autograd.grad(full, S_hat)
+    # each process sees its 3 rows and the gathered S; DDP averages the gradients of the two processes
+    split = [ranks[r](S_hat[3 * r : 3 * r + 3], S[3 * r : 3 * r + 3], S, 3 * r) for r in range(2)]
+    mean = (split[0] + split[1]) / 2
+    (split_grad,) = torch.autograd.grad(mean, S_hat)
+    torch.testing.assert_close(mean, full)
+    torch.testing.assert_close(split_grad, full_grad)
+    for r in range(2):  # every process pushed the same gathered batch
+        torch.testing.assert_close(ranks[r].bank, single.bank)
+
+
+def test_bank_is_fifo_and_only_fills_in_training():
+    loss = GlobalLoss(4, tau=0.1, bank_size=5)
+    a, b = F.normalize(torch.randn(3, 4), dim=-1), F.normalize(torch.randn(3, 4), dim=-1)
+    loss(torch.randn(3, 4), a, a, 0)
+    assert int(loss.bank_filled) == 3 and int(loss.bank_ptr) == 3
+    loss(torch.randn(3, 4), b, b, 0)
+    assert int(loss.bank_filled) == 5 and int(loss.bank_ptr) == 1
+    torch.testing.assert_close(loss.bank, torch.stack([b[2], a[1], a[2], b[0], b[1]]))  # oldest row a[0] left
+    loss.eval()
+    before = loss.bank.clone()
+    loss(torch.randn(3, 4), a, a, 0)
+    assert torch.equal(loss.bank, before)
+
+
+def test_bank_larger_batch_keeps_latest_and_backward_works():
+    loss = GlobalLoss(4, tau=0.1, bank_size=2)
+    S = F.normalize(torch.randn(5, 4), dim=-1)
+    S_hat = torch.randn(5, 4, requires_grad=True)
+    loss(S_hat, S, S, 0)
+    out = loss(S_hat, S, S, 0)
+    out.backward()  # the bank was updated in place after being used: autograd must not see that
+    assert torch.isfinite(S_hat.grad).all()
+    torch.testing.assert_close(loss.bank, S[-2:])  # only the latest bank_size rows are kept

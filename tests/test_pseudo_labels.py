@@ -1,0 +1,101 @@
+"""Mask fusion and the fused label map F against plain per-image references."""
+
+import torch
+import torch.nn.functional as F
+
+from clipzss.method.kmeans import multiscale_kmeans
+from clipzss.method.pseudo_labels import fuse_clusters, fused_labels
+
+
+def structured_tokens(B: int = 3, C: int = 16, size: int = 8, noise: float = 0.15) -> torch.Tensor:
+    """[B, C, size, size] tokens drawn from a few prototypes laid out in blocks, so scales agree."""
+    prototypes = F.normalize(torch.randn(B, 4, C), dim=-1)
+    layout = torch.randint(0, 4, (B, size // 2, size // 2)).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    D = prototypes[torch.arange(B)[:, None, None], layout] + noise * torch.randn(B, size, size, C)
+    return F.normalize(D.permute(0, 3, 1, 2), dim=1).contiguous()
+
+
+def fuse_reference(result, threshold):
+    """Per image: all cross-scale pairs sorted by similarity, greedy fusion, argmax re-assignment, compaction."""
+    cents = torch.cat(result.centroids, dim=1)
+    scale_of = [i for i, c in enumerate(result.centroids) for _ in range(c.shape[1])]
+    K = cents.shape[1]
+    outputs = []
+    for b in range(cents.shape[0]):
+        c = cents[b]
+        sim = c @ c.T
+        pairs = [(i, j) for i in range(K) for j in range(i + 1, K) if scale_of[i] != scale_of[j]]
+        pairs = sorted(pairs, key=lambda p: -sim[p].item())
+        partner = list(range(K))
+        for i, j in pairs:
+            if sim[i, j] > threshold and partner[i] == i and partner[j] == j:
+                partner[i], partner[j] = j, i
+        slots = [F.normalize((c[k] + c[partner[k]]) / 2, dim=0) for k in range(K) if partner[k] >= k]
+        slots = torch.stack(slots)
+        assign = (result.tokens[b] @ slots.T).argmax(1)
+        used = sorted(set(assign.tolist()))
+        remap = {old: new for new, old in enumerate(used)}
+        outputs.append((torch.tensor([remap[a] for a in assign.tolist()]), len(used), slots[used]))
+    return outputs
+
+
+def test_fusion_matches_reference_and_fuses():
+    D = structured_tokens()
+    result = multiscale_kmeans(D, (2, 4, 8), iters=3)
+    assign, num, cents = fuse_clusters(result, threshold=0.8)
+    total = sum(c.shape[1] for c in result.centroids)
+    fused_any = False
+    for b, (ref_assign, ref_num, ref_cents) in enumerate(fuse_reference(result, 0.8)):
+        assert torch.equal(assign[b], ref_assign)
+        assert num[b] == ref_num
+        torch.testing.assert_close(cents[b, :ref_num], ref_cents)
+        assert torch.all(cents[b, ref_num:] == 0)
+        fused_any |= ref_num < total
+    assert fused_any
+    assert cents.shape[1] == int(num.max())
+
+
+def test_single_scale_only_compacts_empty_clusters():
+    D = structured_tokens(B=2)
+    result = multiscale_kmeans(D, (2,), iters=3)
+    assign, num, _ = fuse_clusters(result, threshold=0.0)
+    for b in range(2):
+        used = sorted(set(result.assignments[0][b].tolist()))
+        assert num[b] == len(used)
+        expected = torch.tensor([used.index(a) for a in result.assignments[0][b].tolist()])
+        assert torch.equal(assign[b], expected)
+
+
+def fused_labels_reference(seen, clusters, num_seen, ratio):
+    out = seen.clone()
+    up = F.interpolate(clusters[:, None].float(), size=seen.shape[-2:], mode="nearest")[:, 0].long()
+    for b in range(seen.shape[0]):
+        new_id = 0
+        for k in range(int(clusters.max()) + 1):
+            pixels = up[b] == k
+            ignored = pixels & (seen[b] == 255)
+            if ignored.sum() == 0 or (pixels.sum() - ignored.sum()) / pixels.sum() > ratio:
+                continue
+            out[b][ignored] = num_seen + new_id
+            new_id += 1
+    return out
+
+
+def test_fused_labels_matches_reference():
+    seen = torch.randint(0, 3, (2, 16, 16))
+    seen[torch.rand(2, 16, 16) < 0.5] = 255
+    seen[0, :8] = 255  # a region without any seen label
+    clusters = torch.randint(0, 6, (2, 4, 4))
+    for ratio in (0.3, 0.5, 0.9):
+        torch.testing.assert_close(
+            fused_labels(seen, clusters, 3, ratio), fused_labels_reference(seen, clusters, 3, ratio)
+        )
+
+
+def test_fused_labels_by_hand():
+    seen = torch.tensor([[[0, 0, 255, 255], [0, 0, 255, 255], [255, 1, 255, 255], [1, 1, 255, 255]]])
+    clusters = torch.tensor([[[0, 1], [2, 1]]])  # upsampled x2: cluster 0 top-left, 1 right half, 2 bottom-left
+    out = fused_labels(seen, clusters, num_seen=2, drop_seen_ratio=0.5)
+    # cluster 0 has no ignore pixel (dropped); 1 is all ignore -> id 2 + 0; 2 is 3/4 seen -> dropped
+    expected = torch.tensor([[[0, 0, 2, 2], [0, 0, 2, 2], [255, 1, 2, 2], [1, 1, 2, 2]]])
+    assert torch.equal(out, expected)

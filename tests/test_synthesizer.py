@@ -1,0 +1,52 @@
+"""Synthesizer: prototypes from region centroids attending to the teacher CLS (and dense tokens)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipzss.method.synthesizer import Synthesizer
+
+
+def inputs(B=2, Q=5, C=16):
+    valid = torch.tensor([[True, True, True, False, False], [True] * 5])[:B, :Q]
+    return F.normalize(torch.randn(B, Q, C), dim=-1), valid, F.normalize(torch.randn(B, C), dim=-1)
+
+
+def test_output_normalised_and_padding_ignored():
+    synth = Synthesizer(16, layers=2, heads=4, dense_memory=False)
+    queries, valid, cls = inputs()
+    out = synth(queries, valid, cls)
+    assert out.shape == (2, 5, 16)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(2, 5))
+    changed = queries.clone()
+    changed[0, 3:] = torch.randn(2, 16)  # padding queries of image 0
+    torch.testing.assert_close(synth(changed, valid, cls)[0, :3], out[0, :3])
+
+
+def test_memory_is_cls_and_optionally_dense():
+    queries, valid, cls = inputs()
+    dense = F.normalize(torch.randn(2, 16, 3, 3), dim=1)
+    plain = Synthesizer(16, 1, 4, dense_memory=False)
+    assert not torch.allclose(plain(queries, valid, cls), plain(queries, valid, -cls))
+    torch.testing.assert_close(plain(queries, valid, cls, dense), plain(queries, valid, cls, -dense))
+    with_dense = Synthesizer(16, 1, 4, dense_memory=True)
+    assert not torch.allclose(with_dense(queries, valid, cls, dense), with_dense(queries, valid, cls, -dense))
+    with pytest.raises(ValueError, match="dense_memory"):
+        with_dense(queries, valid, cls)
+
+
+def test_image_without_queries_stays_finite_and_gradients_flow():
+    synth = Synthesizer(16, 1, 4, dense_memory=False)
+    queries, valid, cls = inputs()
+    valid[0] = False
+    queries.requires_grad_(True)
+    out = synth(queries, valid, cls)
+    assert torch.isfinite(out).all()
+    out[1].sum().backward()
+    assert all(p.grad is not None for p in synth.parameters() if p.requires_grad)
+    assert queries.grad.abs().sum() > 0
+
+
+def test_heads_must_divide_dim():
+    with pytest.raises(ValueError, match="plm.synthesizer.heads"):
+        Synthesizer(10, 1, 4, dense_memory=False)
