@@ -83,6 +83,8 @@ def load_model_bundle(path: str | Path) -> dict[str, Any]:
     if "model" in bundle:  # a training checkpoint: the student is the "student." part of the train module
         prefix = "student."
         student = {k[len(prefix) :]: v for k, v in bundle["model"].items() if k.startswith(prefix)}
-        objective = {k: v for k, v in bundle["model"].items() if k.startswith("objective.")}
-        return {"student": student, "config": bundle["config"], "objective": objective}
+        found = {"student": student, "config": bundle["config"]}
+        if "objective.log_alpha" in bundle["model"]:  # learnt logit scale (loss.learnable_scale)
+            found["alpha"] = float(bundle["model"]["objective.log_alpha"].exp())
+        return found
     raise RuntimeError(f"{path} is neither a clipzss model nor a training checkpoint (keys: {sorted(bundle)})")

@@ -77,5 +77,6 @@ def training_batches(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),  # keeps the loader's draws off the global RNG (resume)
     )
     return iter(loader)

@@ -1,0 +1,160 @@
+"""The ``clipzss`` console command.
+
+clipzss train [CONFIG] [key=value ...] [--resume]      train (same as accelerate launch clipzss/train.py)
+clipzss prepare DATASET --root DIR                     download + convert a dataset (or generate 'synthetic')
+clipzss validate DATASET --root DIR                    report every problem in a dataset root at once
+clipzss eval --checkpoint CKPT [DATASET --root DIR]    zero-shot / cross-dataset evaluation
+clipzss segment IMAGE... --checkpoint CKPT --classes "cat,grass,sky"
+clipzss ablate [--seeds 3]                             the synthetic ablation benchmark (table -> MLflow)
+clipzss bench                                          speed figures (K-Means, training step, inference)
+clipzss pretrain-teacher --out DIR                     regenerate the synthetic world's tiny CLIP teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    if args.dataset == "synthetic":
+        from clipzss.data.synthetic import materialize_world
+
+        print(materialize_world(args.root))
+        return 0
+    from clipzss.data.prepare import prepare
+
+    print(prepare(args.dataset, args.root, download=not args.no_download))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from clipzss.data.validate import format_problems, validate_dataset
+
+    problems = validate_dataset(args.dataset, args.root, args.split)
+    print(format_problems(problems))
+    return 1 if problems else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+
+    from clipzss.config import set_value
+    from clipzss.data.datasets import build_dataset
+    from clipzss.engine.evaluate import evaluate
+    from clipzss.engine.segmenter import OpenVocabSegmenter
+    from clipzss.metrics import format_table
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    segmenter = OpenVocabSegmenter.from_checkpoint(args.checkpoint, device)
+    cfg = segmenter.cfg
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        set_value(cfg, key, yaml.safe_load(value), source="--set")
+    dataset = args.dataset or cfg.data.dataset
+    root = args.root or (cfg.data.root if dataset == cfg.data.dataset else None)
+    if root is None:
+        raise SystemExit(f"--root is required to evaluate on {dataset!r}")
+    split = args.split or (cfg.data.split if dataset == cfg.data.dataset else "default")
+    val_set = build_dataset(cfg.data, "val", dataset=dataset, root=root, split=split)
+    segmenter.set_vocabulary(val_set.class_names)
+    metrics, _ = evaluate(segmenter.student, val_set, segmenter.text, segmenter.alpha, cfg.data, segmenter.device)
+    print(format_table(metrics, val_set.class_names, val_set.unseen_ids))
+    return 0
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from clipzss.engine.segmenter import OpenVocabSegmenter
+
+    segmenter = OpenVocabSegmenter.from_checkpoint(args.checkpoint)
+    segmenter.set_vocabulary(args.classes.split(","))
+    for image in args.images:
+        print(segmenter.segment_file(image, args.out))
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from clipzss.ablation import run_ablation
+
+    run_ablation(seeds=args.seeds, output_root=args.out, quick=args.quick, overrides=args.set or [])
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from clipzss.bench import run_benchmarks
+
+    run_benchmarks(quick=args.quick)
+    return 0
+
+
+def _pretrain_teacher(args: argparse.Namespace) -> int:
+    from clipzss.synthetic_clip import main as pretrain_main
+
+    return pretrain_main(["--out", args.out])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipzss", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a CLIP-ZSS student", add_help=False)
+    p.set_defaults(func=None)
+
+    p = sub.add_parser("prepare", help="download and convert a dataset into its mmseg layout")
+    p.add_argument("dataset")
+    p.add_argument("--root", required=True)
+    p.add_argument("--no-download", action="store_true", help="convert archives already in --root only")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("validate", help="scan a dataset root and report every problem with its file")
+    p.add_argument("dataset")
+    p.add_argument("--root", required=True)
+    p.add_argument("--split", default="default")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset's zero-shot split or another vocabulary")
+    p.add_argument("dataset", nargs="?", help="default: the checkpoint's training dataset")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--root", help="dataset root (default: the checkpoint's data.root for its own dataset)")
+    p.add_argument("--split", help="zero-shot split name (default: the checkpoint's, or the dataset's default)")
+    p.add_argument("--set", nargs="*", help="config overrides for evaluation, e.g. data.test_stride=256")
+    p.add_argument("--cpu", action="store_true")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("segment", help="segment images with any vocabulary (student only)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,grass,sky"')
+    p.add_argument("--out", default="segmentations")
+    p.set_defaults(func=_segment)
+
+    p = sub.add_parser("ablate", help="synthetic ablation benchmark: baseline, +GLM, +PLM, full, supervised")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--quick", action="store_true", help="CI-sized: a few steps per arm, checks the mechanics")
+    p.add_argument("--set", nargs="*", help="overrides applied to every arm")
+    p.set_defaults(func=_ablate)
+
+    p = sub.add_parser("bench", help="print speed figures measured on this machine")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("pretrain-teacher", help="regenerate the synthetic world's tiny CLIP teacher")
+    p.add_argument("--out", default="clipzss/assets")
+    p.set_defaults(func=_pretrain_teacher)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from clipzss.train import main as train_main
+
+        return train_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
