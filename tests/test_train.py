@@ -1,6 +1,5 @@
 """The real trainer end to end on CPU: a tiny VOC-layout dataset, a tiny random-init open_clip teacher."""
 
-import json
 import os
 import subprocess
 import sys
@@ -8,71 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from dataset_fixtures import write_voc_fixture
+from tiny_run import REPO, tiny_overrides
 
 from clipzss.config import load_config
 from clipzss.engine.checkpoint import MODEL_FILE, latest_checkpoint, load_checkpoint
 from clipzss.engine.tracking import TrackingError
 from clipzss.method.objective import CLIPZSSObjective
 from clipzss.train import NonFiniteLossError, train
-
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16, "patch_size": None},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    "clipzss": {"output_stride": 8},
-}
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny VOC fixture and a tiny ModifiedResNet CLIP saved as a local checkpoint."""
-    from clipzss.models.clip_factory import create_clip
-
-    root = tmp_path_factory.mktemp("assets")
-    data_root = write_voc_fixture(root / "data", n_train=4, n_val=2, size=(40, 48))
-    model_json = root / "tiny_clip.json"
-    model_json.write_text(json.dumps(TINY_CLIP))
-    torch.manual_seed(0)
-    model, *_ = create_clip(str(model_json))
-    torch.save(model.state_dict(), root / "tiny_clip.pt")
-    return {"data": str(data_root), "json": str(model_json), "pt": str(root / "tiny_clip.pt"), "root": root}
-
-
-def tiny_overrides(assets, out: Path, **extra) -> list[str]:
-    items = {
-        "data.dataset": "voc",
-        "data.root": assets["data"],
-        "data.crop_size": 32,
-        "data.scale": "[64, 32]",
-        "data.batch_size": 2,
-        "data.num_workers": 0,
-        "data.test_short_side": 32,
-        "data.test_window": 32,
-        "data.test_stride": 24,
-        "teacher.model": assets["json"],
-        "teacher.pretrained": assets["pt"],
-        "teacher.templates": "single",
-        "teacher.cache_dir": str(assets["root"] / "text_cache"),
-        "student.arch": "segformer_tiny",
-        "student.decoder_channels": 16,
-        "plm.kmeans.scales": "[2, 4]",
-        "plm.synthesizer.heads": 2,
-        "glm.bank_size": 8,
-        "optim.lr": 1e-3,
-        "optim.warmup_iters": 1,
-        "optim.max_iters": 4,
-        "run.output_dir": str(out),
-        "run.log_interval": 1,
-        "run.eval_interval": 2,
-        "run.checkpoint_interval": 2,
-        "run.device": "cpu",
-        "run.progress": False,
-        "tracking.uri": f"sqlite:///{out.parent / 'mlflow.db'}",
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in items.items()]
 
 
 def run_metrics(uri: str, output_dir: Path) -> tuple[str, dict[str, list[float]], dict[str, str]]:
