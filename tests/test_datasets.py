@@ -84,3 +84,14 @@ def test_root_may_start_with_home(tmp_path, monkeypatch):
 def test_unknown_dataset_lists_the_allowed(tmp_path):
     with pytest.raises(ValueError, match="allowed: voc, coco_stuff"):
         build_dataset(DataConfig(), "val", dataset="cityscapes", root=str(tmp_path))
+
+
+def test_voc_train_merges_mmseg_train_and_aug_lists(tmp_path):
+    """mmseg's converter writes the SBD extras to aug.txt and VOC's own train list to train.txt: both are used."""
+    root = write_voc_fixture(tmp_path, n_train=4, n_val=2)
+    lists = root / "ImageSets" / "Segmentation"
+    names = (lists / "aug.txt").read_text().split()
+    (lists / "aug.txt").write_text("\n".join(names[2:]) + "\n")
+    (lists / "train.txt").write_text("\n".join(names[:3]) + "\n")  # one name in both lists
+    dataset = build_dataset(DataConfig(root=str(root)), "train")
+    assert sorted(s.name for s in dataset.samples) == sorted(names)

@@ -30,6 +30,7 @@ class ModeLayout:
     img_dir: str
     ann_dir: str
     split_file: str | None
+    also_list: str | None = None  # a second list merged in when present (mmseg's VOC: train.txt + aug.txt)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,9 @@ LAYOUTS: dict[str, Layout] = {
     # train: VOC train + SBD aug minus VOC val (10,582 names; clipzss prepare writes it, VOC's own PNGs included).
     "voc": Layout(
         root_hint="VOCdevkit/VOC2012",
-        train=ModeLayout("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation/aug.txt"),
+        train=ModeLayout(
+            "JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation/aug.txt", "ImageSets/Segmentation/train.txt"
+        ),
         val=ModeLayout("JPEGImages", "SegmentationClass", "ImageSets/Segmentation/val.txt"),
         img_suffix=".jpg",
         seg_suffix=".png",
@@ -158,6 +161,9 @@ def list_samples(dataset: str, root: str | Path, mode: Mode) -> tuple[list[Sampl
         if not split_file.is_file():
             raise DatasetError([Problem(str(split_file), f"{mode} split file not found")])
         names = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+        also = base / where.also_list if where.also_list else None
+        if also is not None and also.is_file():  # union, first-seen order (either convention gives 10,582 on VOC)
+            names = list(dict.fromkeys(names + [n.strip() for n in also.read_text().splitlines() if n.strip()]))
         source = split_file
     else:
         if not img_dir.is_dir():
