@@ -37,6 +37,9 @@ class DataConfig:
     split: str = "default"  # zero-shot split name in clipzss/data/splits.yaml (context59: "zs3" or "cascade")
     eval_dataset: str = ""  # cross-dataset evaluation target ("" = the training dataset's own val split)
     eval_root: str = ""  # root of eval_dataset
+    eval_split: str = (
+        ""  # split whose seen/unseen partition the metrics use ("" = split; e.g. train "all", eval "default")
+    )
     crop_size: int = 512  # square training crop, pixels
     scale: tuple[int, int] = (2048, 512)  # mmseg img_scale: (long side max, short side) before ratio jitter
     ratio_range: tuple[float, float] = (0.5, 2.0)  # random resize ratio range

@@ -153,7 +153,7 @@ def train(cfg: Config, report: Report | None = None, resume: bool = False) -> di
         "val",
         dataset=cfg.data.eval_dataset or None,
         root=cfg.data.eval_root or None,
-        split=None if cfg.data.eval_dataset else cfg.data.split,
+        split=cfg.data.eval_split or (None if cfg.data.eval_dataset else cfg.data.split),
     )
     teacher = CLIPTeacher(cfg.teacher).to(device)
     seen_text = teacher.encode_text(train_set.class_names).to(device)

@@ -27,6 +27,7 @@ from transformers.models.segformer.modeling_segformer import SegformerDecodeHead
 
 from clipzss.config import StudentConfig
 from clipzss.models.heads import FPNHead, UPerHead
+from clipzss.models.offline_weights import OFFLINE_WEIGHTS
 
 # MiT encoder sizes (hidden sizes, depths, attention heads) of the SegFormer paper's B0-B5, plus a tiny test size
 MIT = {
@@ -110,8 +111,10 @@ def build_timm(
     ``proj_dim`` is C (named apart from timm's own ``embed_dim`` keyword, which Swin sizes take in model_kwargs).
     """
     name, overlay = model, None
-    if cfg.pretrained and Path(cfg.pretrained).is_file():
-        overlay = {"file": cfg.pretrained}
+    if cfg.pretrained in OFFLINE_WEIGHTS:
+        overlay = {"file": str(OFFLINE_WEIGHTS[cfg.pretrained]())}
+    elif cfg.pretrained and Path(cfg.pretrained).expanduser().is_file():
+        overlay = {"file": str(Path(cfg.pretrained).expanduser())}
     elif cfg.pretrained:
         name = f"{model}.{cfg.pretrained}"
     try:
