@@ -8,8 +8,8 @@ Arms (each one config delta on the ``synthetic`` preset, each over several seeds
     supervised  upper bound: trained with every class labelled (split ``all``), plain NEL + CE; evaluated on the
                 same seen/unseen partition as the others
 
-The table (mean +- std over seeds) is printed, written to ``<out>/ablation.md`` and logged to MLflow on a parent run
-whose children are the individual training runs.
+The table (mean +- std over seeds) is printed, written to ``<out>/ablation.md`` (and plotted to ``ablation.png``) and
+logged to MLflow on a parent run whose children are the individual training runs.
 """
 
 from __future__ import annotations
@@ -63,6 +63,28 @@ def format_markdown(table: dict[str, list]) -> str:
     return "\n".join(lines)
 
 
+def plot_table(table: dict[str, list], path: Path) -> Path:
+    """Grouped bars of mIoU(S), mIoU(U) and hIoU per arm, with the std over seeds as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms, shown = table["arm"], ("mIoU_S", "mIoU_U", "hIoU")
+    x = np.arange(len(arms))
+    fig, ax = plt.subplots(figsize=(1.6 * len(arms) + 2, 3.2))
+    for i, metric in enumerate(shown):
+        ax.bar(x + (i - 1) * 0.27, table[f"{metric}_mean"], 0.27, yerr=table[f"{metric}_std"], capsize=3, label=metric)
+    ax.set_xticks(x, arms)
+    ax.set_ylabel("%")
+    ax.set_title(f"synthetic zero-shot world, mean ± std over {max(table['seeds'])} seeds")
+    ax.legend(ncols=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def run_ablation(
     seeds: int = 3, output_root: str = "runs/ablation", quick: bool = False, overrides: list[str] | tuple = ()
 ) -> dict[str, list]:
@@ -98,10 +120,12 @@ def run_ablation(
     text = format_markdown(table)
     root.mkdir(parents=True, exist_ok=True)
     (root / "ablation.md").write_text(text + "\n")
+    figure = plot_table(table, root / "ablation.png")
     print("\n" + text)
     if parent:
         parent.log_table(table, "ablation.json")
         parent.log_artifact(root / "ablation.md")
+        parent.log_artifact(figure)
         for i, arm in enumerate(table["arm"]):
             key = arm.replace("+", "plus_")
             parent.log_metrics({f"{key}/{m}": table[f"{m}_mean"][i] for m in METRICS}, step=0)

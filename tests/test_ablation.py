@@ -39,4 +39,5 @@ def test_quick_ablation_runs_every_arm_and_logs_the_table(tmp_path):
         [parent[0].info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent[0].info.run_id}'"
     )
     assert len(children) == len(ARMS) and all(c.info.status == "FINISHED" for c in children)
-    assert {a.path for a in client.list_artifacts(parent[0].info.run_id)} >= {"ablation.json", "ablation.md"}
+    artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    assert artifacts >= {"ablation.json", "ablation.md", "ablation.png"}
