@@ -9,6 +9,7 @@ the tests and the Ray Tune trainable in ``sweeps/`` all call.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from collections import defaultdict
@@ -101,6 +102,14 @@ def prepare_data_root(cfg: Config) -> None:
         materialize_world(resolve_path(cfg.data.root))
 
 
+def _fresh_sibling(output_dir: Path) -> Path:
+    """``<dir>_2``, ``<dir>_3``, ...: the first sibling without checkpoints (the same on every process)."""
+    n = 2
+    while latest_checkpoint(output_dir.with_name(f"{output_dir.name}_{n}")) is not None:
+        n += 1
+    return output_dir.with_name(f"{output_dir.name}_{n}")
+
+
 def _check_finite(nonfinite: Tensor, step: int, losses: dict[str, Tensor], output_dir: Path) -> None:
     if int(nonfinite.item()) == 0:
         return
@@ -138,10 +147,13 @@ def train(cfg: Config, report: Report | None = None, resume: bool = False) -> di
     device, main = accelerator.device, accelerator.is_main_process
     output_dir = Path(resolve_path(cfg.run.output_dir))
     checkpoint = latest_checkpoint(output_dir)
-    if checkpoint is not None and not resume:
-        raise FileExistsError(
-            f"{output_dir} already holds checkpoints (latest {checkpoint.name}); pass --resume to continue, "
-            "or choose another run.output_dir - nothing there is overwritten."
+    if checkpoint is not None and not resume:  # never overwrite a run: start beside it
+        taken, output_dir = output_dir, _fresh_sibling(output_dir)
+        cfg = copy.deepcopy(cfg)
+        cfg.run.output_dir = str(output_dir)
+        checkpoint = None
+        accelerator.print(
+            f"{taken} already holds a run (pass --resume to continue it); this one writes to {output_dir}"
         )
     set_seed(cfg.run.seed)
 

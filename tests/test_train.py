@@ -62,8 +62,9 @@ def test_resume_reproduces_uninterrupted_run(assets, tmp_path):
     with pytest.raises(Killed):
         train(cfg, report=kill_after_first_checkpoint)
     assert latest_checkpoint(resumed).name == "step_00000002.pt" and not (resumed / MODEL_FILE).exists()
-    with pytest.raises(FileExistsError, match="--resume"):
-        train(cfg)  # a second start without --resume refuses to touch what is there
+    train(cfg)  # a second start without --resume leaves the killed run alone and writes beside it
+    assert (tmp_path / "resumed_2" / MODEL_FILE).is_file()
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_00000002.pt"]
     train(cfg, resume=True)
     a = torch.load(straight / MODEL_FILE, weights_only=True)["student"]
     b = torch.load(resumed / MODEL_FILE, weights_only=True)["student"]
