@@ -145,7 +145,7 @@ def bench_inference(
     return rows
 
 
-def bench_training_step(batch: int | None = None, crop: int | None = None, arch: str = "segformer_b0", repeat: int = 3):
+def bench_training_step(batch: int | None = None, crop: int | None = None, arch: str = "segformer_b0", repeat: int = 5):
     """Figure 2: a CLIP-ZSS step vs a plain seen-class step of the same student, and each part's share.
 
     The objective is timed (forward + backward into a leaf R) under each ablation, so that the GLM, the PLM and
