@@ -34,7 +34,7 @@ from clipzss.engine.checkpoint import (
 from clipzss.engine.evaluate import evaluate
 from clipzss.engine.loader import training_batches
 from clipzss.engine.tracking import NullTracker, Tracker
-from clipzss.engine.visualize import prediction_panel, pseudo_label_panel
+from clipzss.engine.visualize import confusion_picture, prediction_panel, pseudo_label_panel
 from clipzss.method.objective import CLIPZSSObjective
 from clipzss.metrics import format_table
 from clipzss.models.students import build_student
@@ -319,6 +319,8 @@ def _loop(cfg, accelerator, teacher, model, optimizer, scheduler, train_set, val
         )
         tracker.log_artifact(bundle)
         tracker.log_artifact(output_dir / "config.yaml")
+        confusion = confusion_picture(metrics["matrix"].numpy(), val_set.class_names, val_set.unseen_ids)
+        _save_picture(confusion, output_dir / "images" / f"confusion_step{step}.png", tracker, step)
         table = format_table(metrics, val_set.class_names, val_set.unseen_ids)
         (output_dir / "results.txt").write_text(table + "\n")
         tracker.log_artifact(output_dir / "results.txt")

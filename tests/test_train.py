@@ -35,6 +35,7 @@ def test_train_end_to_end_logs_everything(assets, tmp_path):
     assert (out / MODEL_FILE).is_file() and (out / "config.yaml").is_file() and (out / "results.txt").is_file()
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["step_00000002.pt", "step_00000004.pt"]
     assert any((out / "images").glob("val_0_step*.png")) and any((out / "images").glob("pseudo_0_step*.png"))
+    assert (out / "images" / "confusion_step4.png").is_file()
     status, history, params = run_metrics(cfg.tracking.uri, out)
     assert status == "FINISHED"
     assert params["plm.kmeans.scales"] == "(2, 4)" and params["teacher.model"] == assets["json"]

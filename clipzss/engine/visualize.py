@@ -101,3 +101,29 @@ def pseudo_label_panel(image: np.ndarray, seen_label: np.ndarray, fused: np.ndar
     rgb = denormalise(image)
     n = int(max(fused[fused != 255].max(initial=0), seen_label[seen_label != 255].max(initial=0))) + 1
     return side_by_side(upscale(rgb), upscale(overlay(rgb, seen_label, n)), upscale(overlay(rgb, fused, n)))
+
+
+def confusion_picture(matrix: np.ndarray, names: Sequence[str], unseen_ids: Sequence[int] = ()) -> np.ndarray:
+    """Row-normalised confusion matrix (ground truth x prediction) as an RGB picture; unseen names marked with *."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = matrix.astype(np.float64)
+    rows = rows / np.maximum(rows.sum(1, keepdims=True), 1)
+    labels = [f"{name}*" if i in set(unseen_ids) else name for i, name in enumerate(names)]
+    side = max(4.0, 0.28 * len(names) + 2)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1)
+    if len(names) <= 60:
+        ax.set_xticks(range(len(names)), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(names)), labels, fontsize=7)
+    ax.set_xlabel("prediction")
+    ax.set_ylabel("ground truth")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.canvas.draw()
+    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return picture
