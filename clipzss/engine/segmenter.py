@@ -30,12 +30,19 @@ class OpenVocabSegmenter:
         >>> labels = seg.segment(Image.open("scene.png"))   # [H, W] ids into the vocabulary
     """
 
-    def __init__(self, cfg: Config, student: torch.nn.Module, alpha: float, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        cfg: Config,
+        student: torch.nn.Module,
+        alpha: float,
+        text_encoder: CLIPTeacher,
+        device: str | torch.device = "cpu",
+    ):
         self.cfg = cfg
         self.device = torch.device(device)
         self.student = student.to(self.device).eval()
         self.alpha = alpha
-        self._text_encoder = CLIPTeacher(cfg.teacher)  # text tower only is used
+        self._text_encoder = text_encoder  # only its text tower is used
         self.vocabulary: list[str] = []
         self.text = torch.empty(0)
 
@@ -44,11 +51,10 @@ class OpenVocabSegmenter:
         """Load an exported ``model.pt`` (or a training checkpoint) with its saved config."""
         bundle = load_model_bundle(path)
         cfg = from_dict(bundle["config"])
-        text_dim = bundle.get("embed_dim")
-        teacher_dim = text_dim if text_dim is not None else CLIPTeacher(cfg.teacher).embed_dim
-        student = build_student(cfg.student, teacher_dim)
+        text_encoder = CLIPTeacher(cfg.teacher)
+        student = build_student(cfg.student, text_encoder.embed_dim)
         student.load_state_dict(bundle["student"])
-        return cls(cfg, student, float(bundle.get("alpha", cfg.loss.alpha)), device)
+        return cls(cfg, student, float(bundle.get("alpha", cfg.loss.alpha)), text_encoder, device)
 
     def set_vocabulary(self, class_names: Sequence[str]) -> None:
         """Embed the class names once (prompt ensemble); every later ``segment`` call reuses them."""
