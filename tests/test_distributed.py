@@ -37,4 +37,5 @@ def test_two_process_gather_keeps_local_autograd():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # The assertions run inside both workers; spawn re-raises the first failure here.
     mp.spawn(_worker, args=(2, port), nprocs=2, join=True)
