@@ -7,6 +7,7 @@ clipzss eval --checkpoint CKPT [DATASET --root DIR]    zero-shot / cross-dataset
 clipzss segment IMAGE... --checkpoint CKPT --classes "cat,grass,sky"
 clipzss ablate [--seeds 3]                             the synthetic ablation benchmark (table -> MLflow)
 clipzss bench                                          speed figures (K-Means, training step, inference)
+clipzss sync RUN_DIR                                   deliver a run's spooled MLflow records (after an outage)
 clipzss pretrain-teacher --out DIR                     regenerate the synthetic world's tiny CLIP teacher
 """
 
@@ -88,6 +89,13 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync(args: argparse.Namespace) -> int:
+    from clipzss.train import deliver_spooled
+
+    left = deliver_spooled(args.run_dir, wait=args.wait)
+    return 1 if left else 0
+
+
 def _pretrain_teacher(args: argparse.Namespace) -> int:
     from clipzss.synthetic_clip import main as pretrain_main
 
@@ -139,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="print speed figures measured on this machine")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("sync", help="deliver a run's spooled MLflow records once the server answers again")
+    p.add_argument("run_dir")
+    p.add_argument("--wait", type=float, default=60.0, help="give up after this many seconds (records stay spooled)")
+    p.set_defaults(func=_sync)
 
     p = sub.add_parser("pretrain-teacher", help="regenerate the synthetic world's tiny CLIP teacher")
     p.add_argument("--out", default="clipzss/assets")
