@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -281,7 +282,7 @@ def _open_tracking(cfg: Config, output_dir: Path, resumed: bool, changes: dict, 
     tags = {"clipzss.dataset": cfg.data.dataset}
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-    spool = Spool(Tracker(cfg.tracking, output_dir, tags=tags), output_dir, quiet_http=quick_http)
+    spool = Spool(Tracker(cfg.tracking, output_dir, tags=tags), output_dir, quiet_http=quick_http, continuing=resumed)
     if resumed:  # MLflow never changes a logged param: a resume override is logged under its own name
         spool.log_params({f"{k}.from_step_{start}": str(new) for k, (_, new) in changes.items()})
     else:
@@ -530,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunTerminated as e:
         print(e, file=sys.stderr)
         return RunTerminated.exit_code
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): MLflow says KILLED; --resume continues from the last checkpoint", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 
