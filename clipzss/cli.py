@@ -8,6 +8,7 @@ clipzss segment IMAGE... --checkpoint CKPT --classes "cat,grass,sky"
 clipzss export --checkpoint CKPT --classes "a,b" --out DIR   ONNX model + vocabulary + loader (student only)
 clipzss ablate [--seeds 3]                             the synthetic ablation benchmark (table -> MLflow)
 clipzss bench                                          speed figures (K-Means, training step, inference)
+clipzss reliability [--out DIR]                        replay crashes, outages, races and bad input: fault -> outcome
 clipzss sync RUN_DIR                                   deliver a run's spooled MLflow records (after an outage)
 clipzss pretrain-teacher --out DIR                     regenerate the synthetic world's tiny CLIP teacher
 """
@@ -97,6 +98,13 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reliability(args: argparse.Namespace) -> int:
+    from clipzss.reliability import run_reliability
+
+    outcomes = run_reliability(args.out)
+    return 0 if all(o.survived and o.lost == 0 for o in outcomes) else 1
+
+
 def _sync(args: argparse.Namespace) -> int:
     from clipzss.train import deliver_spooled
 
@@ -161,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="print speed figures measured on this machine")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("reliability", help="replay faults against a real tiny training; print fault -> outcome")
+    p.add_argument("--out", help="workspace for the runs (default: a new temporary folder)")
+    p.set_defaults(func=_reliability)
 
     p = sub.add_parser("sync", help="deliver a run's spooled MLflow records once the server answers again")
     p.add_argument("run_dir")

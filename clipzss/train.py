@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -183,14 +184,14 @@ def train(cfg: Config, report: Report | None = None, resume: bool = False) -> di
         gradient_accumulation_steps=cfg.optim.grad_accum,
         cpu=cfg.run.device == "cpu",
     )
-    cfg, checkpoint = _choose_run_dir(cfg, resume, accelerator)
-    output_dir = Path(cfg.run.output_dir)
+    cfg, output_dir, checkpoint = _choose_run_dir(cfg, resume, accelerator)
     with run_dir_lock(output_dir) if accelerator.is_main_process else nullcontext(), StopRequest() as stop:
-        return _train_in(cfg, accelerator, checkpoint, report, stop)
+        return _train_in(cfg, accelerator, output_dir, checkpoint, report, stop)
 
 
-def _choose_run_dir(cfg: Config, resume: bool, accelerator) -> tuple[Config, Path | None]:
-    """The run folder (never overwrite a run: a fresh start beside one goes to ``<dir>_2``) and the checkpoint."""
+def _choose_run_dir(cfg: Config, resume: bool, accelerator) -> tuple[Config, Path, Path | None]:
+    """The config, the run folder (never overwrite a run: a fresh start beside one goes to ``<dir>_2``) and the
+    checkpoint to resume."""
     output_dir = Path(resolve_path(cfg.run.output_dir))
     checkpoint = latest_checkpoint(output_dir)
     if resume and checkpoint is None:
@@ -198,22 +199,23 @@ def _choose_run_dir(cfg: Config, resume: bool, accelerator) -> tuple[Config, Pat
             f"--resume: nothing to resume in {output_dir} (no checkpoints/step_*.pt there). "
             "Check run.output_dir, or drop --resume to start a new run."
         )
-    cfg = copy.deepcopy(cfg)
     if checkpoint is not None and not resume:
         taken, output_dir = output_dir, _fresh_sibling(output_dir)
+        cfg = copy.deepcopy(cfg)
+        cfg.run.output_dir = str(output_dir)
         checkpoint = None
         accelerator.print(
             f"{taken} already holds a run (pass --resume to continue it); this one writes to {output_dir}"
         )
-    cfg.run.output_dir = str(output_dir)
-    return cfg, checkpoint
+    return cfg, output_dir, checkpoint
 
 
-def _train_in(cfg: Config, accelerator, checkpoint: Path | None, report: Report | None, stop: StopRequest):
+def _train_in(cfg: Config, accelerator, output_dir: Path, checkpoint: Path | None, report: Report | None,
+              stop: StopRequest):  # fmt: skip
     """Build everything, restore ``checkpoint`` if any, and run the loop with tracking (inside the run-dir lock)."""
     from accelerate.utils import set_seed
 
-    device, output_dir = accelerator.device, Path(cfg.run.output_dir)
+    device = accelerator.device
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     changes = resume_changes(state["config"], cfg) if state is not None else {}
     if state is not None and state["step"] >= cfg.optim.max_iters:
@@ -281,7 +283,7 @@ def _open_tracking(cfg: Config, output_dir: Path, resumed: bool, changes: dict, 
     tags = {"clipzss.dataset": cfg.data.dataset}
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-    spool = Spool(Tracker(cfg.tracking, output_dir, tags=tags), output_dir, quiet_http=quick_http)
+    spool = Spool(Tracker(cfg.tracking, output_dir, tags=tags), output_dir, quiet_http=quick_http, continuing=resumed)
     if resumed:  # MLflow never changes a logged param: a resume override is logged under its own name
         spool.log_params({f"{k}.from_step_{start}": str(new) for k, (_, new) in changes.items()})
     else:
@@ -530,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunTerminated as e:
         print(e, file=sys.stderr)
         return RunTerminated.exit_code
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): MLflow says KILLED; --resume continues from the last checkpoint", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 
