@@ -15,6 +15,14 @@ def structured_tokens(B: int = 3, C: int = 16, size: int = 8, noise: float = 0.1
     return F.normalize(D.permute(0, 3, 1, 2), dim=1).contiguous()
 
 
+def assign_and_compact(tokens, slots):
+    """Argmax re-assignment to the slots, then ids of the used slots only: (assign, count, used centroids)."""
+    assign = (tokens @ slots.T).argmax(1)
+    used = sorted(set(assign.tolist()))
+    remap = {old: new for new, old in enumerate(used)}
+    return torch.tensor([remap[a] for a in assign.tolist()]), len(used), slots[used]
+
+
 def fuse_reference(result, threshold):
     """Per image: all cross-scale pairs sorted by similarity, greedy fusion, argmax re-assignment, compaction."""
     cents = torch.cat(result.centroids, dim=1)
@@ -31,11 +39,7 @@ def fuse_reference(result, threshold):
             if sim[i, j] > threshold and partner[i] == i and partner[j] == j:
                 partner[i], partner[j] = j, i
         slots = [F.normalize((c[k] + c[partner[k]]) / 2, dim=0) for k in range(K) if partner[k] >= k]
-        slots = torch.stack(slots)
-        assign = (result.tokens[b] @ slots.T).argmax(1)
-        used = sorted(set(assign.tolist()))
-        remap = {old: new for new, old in enumerate(used)}
-        outputs.append((torch.tensor([remap[a] for a in assign.tolist()]), len(used), slots[used]))
+        outputs.append(assign_and_compact(result.tokens[b], torch.stack(slots)))
     return outputs
 
 
@@ -92,11 +96,7 @@ def merge_reference(result, threshold):
             groups.setdefault(find(k), []).append(k)
         slots = [F.normalize(cents[b, g].sum(0), dim=0) for _, g in sorted(groups.items())
                  if len(g) > 1 or scale_of[g[0]] == finest]  # fmt: skip
-        slots = torch.stack(slots)
-        assign = (result.tokens[b] @ slots.T).argmax(1)
-        used = sorted(set(assign.tolist()))
-        remap = {old: new for new, old in enumerate(used)}
-        outputs.append((torch.tensor([remap[a] for a in assign.tolist()]), len(used), slots[used]))
+        outputs.append(assign_and_compact(result.tokens[b], torch.stack(slots)))
     return outputs
 
 
