@@ -33,6 +33,7 @@ from clipzss.engine.checkpoint import (
 )
 from clipzss.engine.evaluate import evaluate
 from clipzss.engine.loader import training_batches
+from clipzss.engine.plm_diagnostics import plm_diagnostics
 from clipzss.engine.tracking import NullTracker, Tracker
 from clipzss.engine.visualize import confusion_picture, prediction_panel, pseudo_label_panel
 from clipzss.method.objective import CLIPZSSObjective
@@ -292,6 +293,11 @@ def _loop(cfg, accelerator, teacher, model, optimizer, scheduler, train_set, val
             }
             final["step"] = step
             tracker.log_metrics(final, step)
+            if main and unwrapped.objective.plm is not None and val_set.split.seen == tuple(train_set.class_names):
+                diagnostics = plm_diagnostics(
+                    unwrapped.objective, unwrapped.student, teacher, val_set, eval_text, device
+                )
+                tracker.log_metrics({f"val/{k}": v for k, v in diagnostics.items()}, step)
             if main and cfg.tracking.log_images:
                 for i, (image, target, pred) in enumerate(samples):
                     panel = prediction_panel(image, target, pred, val_set.class_names, val_set.unseen_ids)
@@ -301,7 +307,7 @@ def _loop(cfg, accelerator, teacher, model, optimizer, scheduler, train_set, val
                     for i in range(min(2, len(images))):
                         panel = pseudo_label_panel(
                             images[i].float().cpu().numpy(),
-                            labels[i].cpu().numpy(),
+                            labels[i].clamp(max=255).cpu().numpy(),  # crop padding (PAD_INDEX) shown as ignore
                             fused[i].cpu().numpy(),
                             len(train_set.class_names),
                         )
