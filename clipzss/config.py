@@ -99,6 +99,7 @@ class KMeansConfig:
     # "merge": centroids of different scales linked above lambda merge (transitively) into one cluster; tokens go to
     # the merged centroids and the unmerged finest-scale ones (amended spec: lambda changes the cluster count).
     # "pairs": the old greedy one-to-one pairs, tokens re-assigned over every centroid of every scale (a no-op).
+    # Synthetic, 300 steps, 1 seed (README): merge 33.5 hIoU with 3.2 potential classes per image, pairs 32.1 / 13.1.
     fusion: Literal["merge", "pairs"] = "merge"
     drop_seen_ratio: float = 0.5  # [choice] a cluster whose pixels are mostly (> this) seen-labelled is dropped
 
@@ -112,10 +113,12 @@ class SynthesizerConfig:
     heads: int = 8  # [choice]
     # Region centroids: "teacher" = the teacher's dense-token mean of the region (CLIP space; the synthesizer learns
     # from its text loss only, prototypes enter the pixel logits detached); "student" = the old R centroids.
+    # Synthetic, 300 steps, 1 seed: teacher 33.5 hIoU (right unseen text ranked 3.0), student 23.4 (rank 5.7).
     query: Literal["teacher", "student"] = "teacher"
     dense_memory: bool = False  # also attend to the teacher's dense tokens (each query only to its own region's)
     # Loss pulling seen prototypes to their text: "cosine" 1 - cos(P_k, T_k); "softmax" CE over the seen texts;
     # "sigmoid" per-text sigmoid with a learnable bias; "bce" = the old sigmoid without bias (optimum cos ~0.18).
+    # Synthetic, 300 steps, 1 seed: softmax 33.5 hIoU, cosine 27.2.
     loss: Literal["cosine", "softmax", "sigmoid", "bce"] = "softmax"
 
 
