@@ -36,6 +36,7 @@ RULES: dict[str, Rule] = {
     "student.decoder_channels": AT_LEAST_ONE,
     "glm.weight": NON_NEGATIVE,
     "glm.tau": POSITIVE,
+    "glm.attn_tau": NON_NEGATIVE,  # 0 = the old sqrt(C) scaling
     "glm.bank_size": NON_NEGATIVE,
     "plm.kmeans.scales": ALL_AT_LEAST_ONE,
     "plm.kmeans.iters": AT_LEAST_ONE,
@@ -46,6 +47,7 @@ RULES: dict[str, Rule] = {
     "plm.nel_weight": NON_NEGATIVE,
     "plm.ce_weight": NON_NEGATIVE,
     "plm.bce_weight": NON_NEGATIVE,
+    "plm.potential_weight": NON_NEGATIVE,
     "loss.alpha": POSITIVE,
     "loss.beta": POSITIVE,
     "optim.lr": POSITIVE,

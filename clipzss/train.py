@@ -37,6 +37,7 @@ from clipzss.engine.checkpoint import (
 )
 from clipzss.engine.evaluate import evaluate
 from clipzss.engine.loader import training_batches
+from clipzss.engine.plm_diagnostics import plm_diagnostics
 from clipzss.engine.resume import apply_optimizer_settings, resume_changes
 from clipzss.engine.run_lock import run_dir_lock
 from clipzss.engine.spool import Spool, pending_records, set_aside
@@ -424,6 +425,12 @@ def _evaluate(run: RunState, batch: tuple) -> dict[str, float]:
     final = {f"val/{k}": float(v) for k, v in metrics.items() if k in ("pAcc", "mIoU", "mIoU_S", "mIoU_U", "hIoU")}
     final["step"] = step
     run.tracker.log_metrics(final, step)
+    plm, val_set = unwrapped.objective.plm, run.val_set
+    if accelerator.is_main_process and plm is not None and val_set.split.seen == tuple(run.train_set.class_names):
+        diagnostics = plm_diagnostics(
+            unwrapped.objective, unwrapped.student, run.teacher, val_set, run.eval_text, accelerator.device
+        )
+        run.tracker.log_metrics({f"val/{k}": v for k, v in diagnostics.items()}, step)
     if accelerator.is_main_process and cfg.tracking.log_images:
         images_dir, class_names = run.output_dir / "images", run.val_set.class_names
         for i, (image, target, pred) in enumerate(samples):
@@ -435,7 +442,7 @@ def _evaluate(run: RunState, batch: tuple) -> dict[str, float]:
             for i in range(min(2, len(images))):
                 panel = pseudo_label_panel(
                     images[i].float().cpu().numpy(),
-                    labels[i].cpu().numpy(),
+                    labels[i].clamp(max=255).cpu().numpy(),  # crop padding (PAD_INDEX) shown as ignore
                     fused[i].cpu().numpy(),
                     len(run.train_set.class_names),
                 )

@@ -83,3 +83,22 @@ def test_bank_larger_batch_keeps_latest_and_backward_works():
     out.backward()  # the bank was updated in place after being used: autograd must not see that
     assert torch.isfinite(S_hat.grad).all()
     torch.testing.assert_close(loss.bank, S[-2:])  # only the latest bank_size rows are kept
+
+
+def test_attention_temperature_localises_where_sqrt_c_is_uniform():
+    """On unit vectors softmax(S.R / sqrt(C)) is near uniform (S_hat = mean of R); attn_tau = 0.07 is not."""
+    C = 64
+    R = F.normalize(torch.randn(2, C, 4, 4), dim=1)
+    S = R[:, :, 1, 2].clone()  # the CLS matches one token
+    tokens = R.flatten(2)
+
+    def entropy(tau):
+        weights = torch.softmax(torch.einsum("bc,bcl->bl", S, tokens) / tau, dim=-1)
+        return (-(weights * weights.log()).sum(-1) / math.log(16)).min().item()
+
+    assert entropy(math.sqrt(C)) > 0.99
+    assert entropy(0.07) < 0.5
+    torch.testing.assert_close(attention_pool(S, R), attention_pool(S, R, tau=math.sqrt(C)))  # 0 = sqrt(C)
+    sharp = F.normalize(attention_pool(S, R, tau=0.07), dim=-1)
+    assert (sharp * S).sum(-1).min() > 0.9  # the pooled vector is the matching token, not the mean
+    assert (F.normalize(attention_pool(S, R), dim=-1) * S).sum(-1).max() < 0.6

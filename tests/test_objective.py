@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from clipzss.config import load_config
+from clipzss.data.transforms import PAD_INDEX
 from clipzss.method.objective import CLIPZSSObjective, seen_logits
+from clipzss.method.plm import region_centroids
 from clipzss.models.teacher import TeacherOutput
 
 C, NS = 32, 4
@@ -17,6 +19,7 @@ def make_cfg(*overrides):
         "plm.kmeans.iters=3",
         "plm.kmeans.fuse_threshold=0.5",
         "plm.synthesizer.heads=4",
+        "plm.nel_weight=1",  # every term on (the default leaves NEL off)
     ]
     base += ["glm.bank_size=8"]
     return load_config(None, base + list(overrides))
@@ -128,3 +131,55 @@ def test_seen_logits_is_scaled_cosine():
     logits = seen_logits(R, text, 7.0)
     expected = 7.0 * F.cosine_similarity(R[:, None], text[None, :, :, None, None], dim=2)
     torch.testing.assert_close(logits, expected)
+
+
+def test_padding_is_never_a_potential_class():
+    objective, R, teacher, labels, *_ = run(make_cfg())
+    padded = labels.clone()
+    padded[:, 24:] = PAD_INDEX  # bottom rows are crop padding
+    as_ignore = padded.masked_fill(padded == PAD_INDEX, 255)
+    assert (objective.pseudo_labels(teacher, as_ignore)[:, 24:, 16:] >= NS).any()  # old: padding became potential
+    fused = objective.pseudo_labels(teacher, padded)
+    assert (fused[:, 24:] == 255).all()
+    losses, _ = objective(R, teacher, padded)
+    assert torch.isfinite(losses["total"])
+
+
+def test_seen_and_potential_parts_are_normalised_apart():
+    objective = CLIPZSSObjective(make_cfg("plm.potential_weight=0.5"), F.normalize(torch.randn(NS, C), dim=-1))
+    x = torch.randn(1, NS + 2, 8, 8)
+    target = torch.full((1, 8, 8), 255)
+    target[0, :2] = 1  # 16 seen pixels
+    target[0, 2:] = NS + torch.randint(0, 2, (6, 8))  # 48 potential pixels
+    valid = torch.ones(1, NS + 2, dtype=torch.bool)
+    ce = F.cross_entropy(x, target, ignore_index=255, reduction="none")
+    seen, potential = target < NS, (target >= NS) & (target != 255)
+    expected = ce[seen].mean() + 0.5 * ce[potential].mean()
+    torch.testing.assert_close(objective._pixel_losses(x, target, valid)["ce"], expected)
+    joint = CLIPZSSObjective(make_cfg("plm.loss_norm=joint"), objective.seen_text)
+    torch.testing.assert_close(joint._pixel_losses(x, target, valid)["ce"], ce[target != 255].mean())
+    nel = objective.nel
+    expected_nel = nel(x, target, valid & (torch.arange(NS + 2) < NS)) + 0.5 * nel(
+        x, target, valid & (torch.arange(NS + 2) >= NS)
+    )
+    torch.testing.assert_close(objective._pixel_losses(x, target, valid)["nel"], expected_nel)
+
+
+def test_pseudo_weights_are_teacher_centroids_or_old_student_centroids():
+    cfg = make_cfg("plm.synthesizer.enabled=false")
+    objective, R, teacher, labels, *_ = run(cfg)
+    out = objective.plm(R, teacher, labels, objective.seen_text, torch.tensor(1.0), torch.tensor(1.0))
+    num = NS + out.pseudo.shape[1]
+    expected = region_centroids(teacher.dense, out.labels, num)[0][:, NS:]
+    torch.testing.assert_close(out.pseudo, expected)
+    assert not out.pseudo.requires_grad
+    old = CLIPZSSObjective(make_cfg("plm.synthesizer.query=student"), objective.seen_text)
+    out = old.plm(R, teacher, labels, objective.seen_text, torch.tensor(1.0), torch.tensor(1.0))
+    assert out.pseudo.requires_grad  # the old queries: student centroids, CE reaches them
+
+
+def test_synthesizer_is_trained_by_its_text_loss_only():
+    objective, R, teacher, labels, losses, _ = run(make_cfg("plm.bce_weight=0"))
+    assert "bce" not in losses
+    losses["total"].backward()
+    assert all(p.grad is None for p in objective.plm.synthesizer.parameters())

@@ -15,6 +15,14 @@ def structured_tokens(B: int = 3, C: int = 16, size: int = 8, noise: float = 0.1
     return F.normalize(D.permute(0, 3, 1, 2), dim=1).contiguous()
 
 
+def assign_and_compact(tokens, slots):
+    """Argmax re-assignment to the slots, then ids of the used slots only: (assign, count, used centroids)."""
+    assign = (tokens @ slots.T).argmax(1)
+    used = sorted(set(assign.tolist()))
+    remap = {old: new for new, old in enumerate(used)}
+    return torch.tensor([remap[a] for a in assign.tolist()]), len(used), slots[used]
+
+
 def fuse_reference(result, threshold):
     """Per image: all cross-scale pairs sorted by similarity, greedy fusion, argmax re-assignment, compaction."""
     cents = torch.cat(result.centroids, dim=1)
@@ -31,18 +39,14 @@ def fuse_reference(result, threshold):
             if sim[i, j] > threshold and partner[i] == i and partner[j] == j:
                 partner[i], partner[j] = j, i
         slots = [F.normalize((c[k] + c[partner[k]]) / 2, dim=0) for k in range(K) if partner[k] >= k]
-        slots = torch.stack(slots)
-        assign = (result.tokens[b] @ slots.T).argmax(1)
-        used = sorted(set(assign.tolist()))
-        remap = {old: new for new, old in enumerate(used)}
-        outputs.append((torch.tensor([remap[a] for a in assign.tolist()]), len(used), slots[used]))
+        outputs.append(assign_and_compact(result.tokens[b], torch.stack(slots)))
     return outputs
 
 
 def test_fusion_matches_reference_and_fuses():
     D = structured_tokens()
     result = multiscale_kmeans(D, (2, 4, 8), iters=3)
-    assign, num, cents = fuse_clusters(result, threshold=0.8)
+    assign, num, cents = fuse_clusters(result, threshold=0.8, mode="pairs")
     total = sum(c.shape[1] for c in result.centroids)
     fused_any = False
     for b, (ref_assign, ref_num, ref_cents) in enumerate(fuse_reference(result, 0.8)):
@@ -58,12 +62,64 @@ def test_fusion_matches_reference_and_fuses():
 def test_single_scale_only_compacts_empty_clusters():
     D = structured_tokens(B=2)
     result = multiscale_kmeans(D, (2,), iters=3)
-    assign, num, _ = fuse_clusters(result, threshold=0.0)
+    assign, num, _ = fuse_clusters(result, threshold=0.0)  # one scale: nothing to merge, every centroid is finest
     for b in range(2):
         used = sorted(set(result.assignments[0][b].tolist()))
         assert num[b] == len(used)
         expected = torch.tensor([used.index(a) for a in result.assignments[0][b].tolist()])
         assert torch.equal(assign[b], expected)
+
+
+def merge_reference(result, threshold):
+    """Per image: union-find over cross-scale links above the threshold; merged groups + unmerged finest centroids."""
+    cents = torch.cat(result.centroids, dim=1)
+    scale_of = [i for i, c in enumerate(result.centroids) for _ in range(c.shape[1])]
+    finest = max(range(len(result.centroids)), key=lambda i: result.centroids[i].shape[1])
+    K = cents.shape[1]
+    outputs = []
+    for b in range(cents.shape[0]):
+        parent = list(range(K))
+
+        def find(k, parent=parent):
+            while parent[k] != k:
+                k = parent[k]
+            return k
+
+        sim = cents[b] @ cents[b].T
+        for i in range(K):
+            for j in range(i + 1, K):
+                if scale_of[i] != scale_of[j] and sim[i, j] > threshold:
+                    a, c = sorted((find(i), find(j)))
+                    parent[c] = a
+        groups = {}
+        for k in range(K):
+            groups.setdefault(find(k), []).append(k)
+        slots = [F.normalize(cents[b, g].sum(0), dim=0) for _, g in sorted(groups.items())
+                 if len(g) > 1 or scale_of[g[0]] == finest]  # fmt: skip
+        outputs.append(assign_and_compact(result.tokens[b], torch.stack(slots)))
+    return outputs
+
+
+def test_merge_matches_reference():
+    D = structured_tokens(B=4)
+    result = multiscale_kmeans(D, (2, 4, 8), iters=3)
+    for threshold in (0.5, 0.8, 0.95):
+        assign, num, cents = fuse_clusters(result, threshold, mode="merge")
+        for b, (ref_assign, ref_num, ref_cents) in enumerate(merge_reference(result, threshold)):
+            assert torch.equal(assign[b], ref_assign)
+            assert num[b] == ref_num
+            torch.testing.assert_close(cents[b, :ref_num], ref_cents)
+
+
+def test_lambda_and_scales_change_the_merged_clusters():
+    """The amended fusion is not a no-op: lambda changes the cluster count, and so does the scale set."""
+    D = structured_tokens(B=4, noise=0.3)
+    result = multiscale_kmeans(D, (2, 4), iters=5)
+    counts = [fuse_clusters(result, t, mode="merge")[1].float().mean().item() for t in (0.3, 0.7, 0.99)]
+    assert counts[0] < counts[1] < counts[2]
+    assert counts[2] == multiscale_kmeans(D, (2,), iters=5).centroids[0].shape[1]  # nothing merged: the finest K
+    finest_only = fuse_clusters(multiscale_kmeans(D, (2,), iters=5), 0.7, mode="merge")[1]
+    assert not torch.equal(finest_only, fuse_clusters(result, 0.7, mode="merge")[1])
 
 
 def fused_labels_reference(seen, clusters, num_seen, ratio):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from clipzss.config import StudentConfig
+from clipzss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clipzss.models.students import STUDENTS, build_student
 
 TINY = ["segformer_tiny", "swin_tiny_test", "resnet_tiny"]
@@ -48,3 +49,25 @@ def test_timm_student_loads_local_weights_file(tmp_path):
     torch.save(source.state_dict(), path)
     student = build_student(StudentConfig(arch="resnet_tiny", pretrained=str(path), decoder_channels=16), C)
     torch.testing.assert_close(student.backbone.model.conv1[0].weight, source.conv1[0].weight)
+
+
+@pytest.mark.parametrize(
+    ("arch", "norm", "mean", "std"),
+    [
+        ("efficientnet_lite0", "model", (0.5,) * 3, (0.5,) * 3),  # timm's pretrained_cfg for tf_efficientnet_lite0
+        ("efficientnet_lite0", "imagenet", IMAGENET_MEAN, IMAGENET_STD),  # the old behaviour
+        ("resnet_tiny", "model", IMAGENET_MEAN, IMAGENET_STD),
+    ],
+)
+def test_backbone_sees_its_own_input_normalisation(arch, norm, mean, std):
+    student = build_student(StudentConfig(arch=arch, decoder_channels=16, input_norm=norm), C).eval()
+    seen = []
+    student.backbone.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    raw = torch.rand(1, 3, 32, 32)  # pixels in 0-1
+
+    def channels(values):
+        return torch.tensor(values).view(1, 3, 1, 1)
+
+    student((raw - channels(IMAGENET_MEAN)) / channels(IMAGENET_STD))
+    expected = (raw - channels(mean)) / channels(std)
+    torch.testing.assert_close(seen[0], expected)

@@ -50,3 +50,16 @@ def test_image_without_queries_stays_finite_and_gradients_flow():
 def test_heads_must_divide_dim():
     with pytest.raises(ValueError, match="plm.synthesizer.heads"):
         Synthesizer(10, 1, 4, dense_memory=False)
+
+
+def test_region_mask_limits_each_query_to_its_region():
+    queries, valid, cls = inputs()
+    dense = F.normalize(torch.randn(2, 16, 3, 3), dim=1)
+    mask = torch.zeros(2, 5, 9, dtype=torch.bool)
+    mask[:, :, :4] = True  # every query sees tokens 0-3 only
+    synth = Synthesizer(16, 1, 4, dense_memory=True)
+    out = synth(queries, valid, cls, dense, mask)
+    changed = dense.clone().flatten(2)
+    changed[:, :, 4:] = torch.randn(2, 16, 5)
+    torch.testing.assert_close(synth(queries, valid, cls, changed.view(2, 16, 3, 3), mask), out)
+    assert not torch.allclose(synth(queries, valid, cls, changed.view(2, 16, 3, 3)), synth(queries, valid, cls, dense))

@@ -9,6 +9,7 @@ from clipzss.config import DataConfig
 from clipzss.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PAD_INDEX,
     TrainTransform,
     normalize,
     photometric_distortion,
@@ -46,7 +47,7 @@ def test_flip_and_pad_without_resize_match_a_plain_reference():
     assert out_image.shape == (3, 64, 64) and out_label.shape == (64, 64) and out_label.dtype == torch.long
     assert torch.equal(out_label[:40, :48], torch.from_numpy(label[:, ::-1].astype(np.int64)))
     assert torch.equal(out_image[:, :40, :48], normalize(np.asarray(image)[:, ::-1]))
-    assert (out_label[40:] == 255).all() and (out_label[:, 48:] == 255).all()
+    assert (out_label[40:] == PAD_INDEX).all() and (out_label[:, 48:] == PAD_INDEX).all()
     assert (out_image[:, 40:] == 0).all() and (out_image[:, :, 48:] == 0).all()
 
 
@@ -109,4 +110,8 @@ def test_small_images_are_padded_to_the_crop(size):
     image, label = pair(*size)
     cfg = DataConfig(crop_size=64, scale=(size[1], size[0]), ratio_range=(1.0, 1.0))
     out_image, out_label = TrainTransform(cfg)(image, label, np.random.default_rng(0))
-    assert out_image.shape == (3, 64, 64) and (out_label[size[0] :] == 255).all()
+    assert out_image.shape == (3, 64, 64) and (out_label[size[0] :] == PAD_INDEX).all()
+    w, h = rescale_size(size[1], size[0], *cfg.scale)
+    outside = (torch.arange(64)[:, None] >= h) | (torch.arange(64)[None, :] >= w)
+    assert torch.equal(out_label == PAD_INDEX, outside)  # padding is exactly the area outside the image
+    assert (out_label == 255).any()  # the image's unlabelled pixels stay 255

@@ -17,6 +17,7 @@ from clipzss.config import DataConfig
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)  # RGB, 0-1 scale (mmseg: 123.675, 116.28, 103.53)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)  # RGB, 0-1 scale (mmseg: 58.395, 57.12, 57.375)
 IGNORE_INDEX = 255
+PAD_INDEX = 256  # training label of crop padding: ignored like 255, but never a potential class (outside uint8 ids)
 
 # mmseg PhotoMetricDistortion defaults; hue_delta is on OpenCV's 0-180 hue scale.
 BRIGHTNESS_DELTA = 32
@@ -121,7 +122,8 @@ def normalize(image: np.ndarray) -> torch.Tensor:
 class TrainTransform:
     """The training pipeline; ``transform(image, label) -> (FloatTensor[3, S, S], LongTensor[S, S])``, S = crop_size.
 
-    Padding (bottom/right) is 0 in the normalised image and 255 in the label, like mmseg's ``Pad``.
+    Padding (bottom/right) is 0 in the normalised image, like mmseg's ``Pad``, and ``PAD_INDEX`` in the label
+    (mmseg writes 255): the loss ignores both, but only unlabelled image pixels may become potential classes.
     """
 
     def __init__(self, cfg: DataConfig):
@@ -151,7 +153,7 @@ class TrainTransform:
         if self.photometric:
             pixels = photometric_distortion(pixels, rng)
         out_image = torch.zeros(3, self.crop_size, self.crop_size)
-        out_label = torch.full((self.crop_size, self.crop_size), IGNORE_INDEX, dtype=torch.long)
+        out_label = torch.full((self.crop_size, self.crop_size), PAD_INDEX, dtype=torch.long)
         h, w = label.shape
         out_image[:, :h, :w] = normalize(pixels)
         out_label[:h, :w] = torch.from_numpy(label.astype(np.int64))

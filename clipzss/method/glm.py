@@ -9,20 +9,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def attention_pool(S: Tensor, R: Tensor) -> Tensor:
+def attention_pool(S: Tensor, R: Tensor, tau: float = 0.0) -> Tensor:
     """Pool the student's dense features with the teacher CLS as query (no parameters).
 
-    W = softmax_L(S . R / sqrt(C)), S_hat = sum_L W R.
+    W = softmax_L(S . R / tau), S_hat = sum_L W R. METHOD.md wrote 1 / sqrt(C) for 1 / tau (``tau=0`` keeps it):
+    on unit vectors S . R lies in [-1, 1], so that softmax is uniform and S_hat is the mean of R (METHOD.md
+    amendments); a CLIP-like temperature (``glm.attn_tau`` = 0.07) lets the attention localise.
 
     Args:
         S: [B, C] teacher CLS embeddings.
         R: [B, C, h, w] student dense features.
+        tau: attention temperature; 0 = sqrt(C).
 
     Returns:
         [B, C] the predicted CLS S_hat (not normalised).
     """
     R = R.flatten(2)  # [B, C, L]
-    weights = torch.softmax(torch.einsum("bc,bcl->bl", S, R) / math.sqrt(R.shape[1]), dim=-1)  # [B, L]
+    temperature = tau if tau > 0 else math.sqrt(R.shape[1])
+    weights = torch.softmax(torch.einsum("bc,bcl->bl", S, R) / temperature, dim=-1)  # [B, L]
     return torch.einsum("bl,bcl->bc", weights, R)
 
 

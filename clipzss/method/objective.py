@@ -1,7 +1,9 @@
 """The CLIP-ZSS objective: every loss term of METHOD.md in one module, returning ``(losses, report)``.
 
-L = w_g L_global + w_nel L_nel(x, F) + w_ce CE(x, F) + w_bce L_bce, with training logits
-x = cat(alpha R^T T_seen, beta cos(R, P_pseudo)). A module is built only when its term is enabled.
+L = w_g L_global + w_nel L_nel(x, F) + w_ce CE(x, F) + w_bce L_text, with training logits
+x = cat(alpha R^T T_seen, beta cos(R, P_pseudo)). A module is built only when its term is enabled. Under
+``plm.loss_norm="separate"`` (METHOD.md amendments) CE and NEL are each the seen-label part (averaged over its own
+pixels / classes) plus ``plm.potential_weight`` times the potential-label part (averaged over its own).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipzss.config import Config
+from clipzss.data.transforms import PAD_INDEX
 from clipzss.distributed import gather_with_grad, world_info
 from clipzss.method.glm import GlobalLoss, attention_pool
 from clipzss.method.nel import NonMutuallyExclusiveLoss
@@ -54,7 +57,7 @@ class CLIPZSSObjective(nn.Module):
         self.register_buffer("seen_text", F.normalize(seen_text.detach().float(), dim=-1), persistent=False)
         self.glm = GlobalLoss(embed_dim, cfg.glm.tau, cfg.glm.bank_size) if cfg.glm.weight > 0 else None
         self.plm = PixelLearning(cfg.plm, embed_dim) if cfg.plm.enabled else None
-        self.nel = NonMutuallyExclusiveLoss()
+        self.nel = NonMutuallyExclusiveLoss() if cfg.plm.nel_weight > 0 else None
         if cfg.loss.learnable_scale:
             self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.loss.alpha)))
             self.log_beta = nn.Parameter(torch.tensor(math.log(cfg.loss.beta)))
@@ -84,51 +87,82 @@ class CLIPZSSObjective(nn.Module):
             R: [B, C, h, w] student features.
             teacher: .cls [B, C] and .dense [B, C, h', w'] (normalised), from the frozen teacher under no_grad;
                 may be None only when ``needs_teacher`` is False.
-            labels: [B, H, W] long, seen class ids 0..Ns-1 or 255.
+            labels: [B, H, W] long, seen class ids 0..Ns-1, 255 (ignore) or PAD_INDEX (crop padding: ignored, and
+                never a potential class).
             gather: all-gathers [B, C] along dim 0 over processes (identity on one process). Every process must
                 hold the same B: this process's rows are taken to start at rank * B of the gathered tensor.
 
         Returns:
-            (losses, report): losses holds "glm", "nel", "ce", "bce" (enabled terms only) and "total" (their
-            weighted sum, the one to backpropagate); report holds detached scalars that are logged, never summed.
+            (losses, report): losses holds "glm", "nel", "ce", "bce" (enabled terms only; "bce" is the synthesizer's
+            text loss) and "total" (their weighted sum, the one to backpropagate); report holds detached scalars
+            that are logged, never summed.
         """
         if teacher is None and self.needs_teacher:
             raise ValueError("CLIPZSSObjective: teacher outputs are required when glm.weight > 0 or plm.enabled")
         cfg = self.cfg
+        pad = labels == PAD_INDEX
+        labels = labels.masked_fill(pad, IGNORE_INDEX)
         alpha, beta = self.scales()
         losses: dict[str, Tensor] = {}
         report: dict[str, Tensor] = {"scale/alpha": alpha.detach(), "scale/beta": beta.detach()}
         if self.glm is not None:
             S = teacher.cls
             rank, _ = world_info()
-            losses["glm"] = self.glm(attention_pool(S, R), S, gather(S), rank * S.shape[0])
+            losses["glm"] = self.glm(attention_pool(S, R, cfg.glm.attn_tau), S, gather(S), rank * S.shape[0])
 
         x = seen_logits(R, self.seen_text.to(R.dtype), alpha)  # [B, Ns, h, w]
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # [B, N]
         target = labels
         if self.plm is not None:
-            out = self.plm(R, teacher, labels, self.seen_text.to(R.dtype), alpha, beta)
+            out = self.plm(R, teacher, labels, self.seen_text.to(R.dtype), alpha, beta, pad)
             x = torch.cat([x, out.potential_logits], dim=1)  # [B, Ns + Kp, h, w]
             valid = torch.cat([valid, out.potential_valid], dim=1)
             target = out.labels
             report.update(out.report)
-            if out.bce is not None and cfg.plm.bce_weight > 0:
-                losses["bce"] = out.bce
+            if out.text_loss is not None and cfg.plm.bce_weight > 0:
+                losses["bce"] = out.text_loss
         x = F.interpolate(x, size=labels.shape[-2:], mode="bilinear", align_corners=False)  # [B, N, H, W]
-        if cfg.plm.nel_weight > 0:
-            losses["nel"] = self.nel(x, target, valid)
-        if cfg.plm.ce_weight > 0:
-            masked = x.float().masked_fill(~valid[:, :, None, None], float("-inf"))  # padded channels never win
-            ce = F.cross_entropy(masked, target, ignore_index=IGNORE_INDEX, reduction="sum")
-            losses["ce"] = ce / (target != IGNORE_INDEX).sum().clamp_min(1)
+        losses.update(self._pixel_losses(x, target, valid))
 
         weights = {"glm": cfg.glm.weight, "nel": cfg.plm.nel_weight, "ce": cfg.plm.ce_weight, "bce": cfg.plm.bce_weight}
         losses["total"] = sum((weights[name] * value for name, value in losses.items()), R.new_zeros(()))
         return losses, report
 
+    def _pixel_losses(self, x: Tensor, target: Tensor, valid: Tensor) -> dict[str, Tensor]:
+        """NEL and CE of the logits x [B, N, H, W] (N = Ns + Kp) against F [B, H, W], channels valid [B, N].
+
+        "joint": one average over every labelled pixel (NEL: every present class). "separate": seen and potential
+        parts averaged apart, then seen + potential_weight * potential.
+        """
+        cfg, num_seen = self.cfg.plm, self.seen_text.shape[0]
+        separate = cfg.loss_norm == "separate"
+        losses: dict[str, Tensor] = {}
+        if self.nel is not None:
+            if separate:
+                is_seen = torch.arange(x.shape[1], device=x.device) < num_seen  # [N]
+                losses["nel"] = self.nel(x, target, valid & is_seen) + cfg.potential_weight * self.nel(
+                    x, target, valid & ~is_seen
+                )
+            else:
+                losses["nel"] = self.nel(x, target, valid)
+        if cfg.ce_weight > 0:
+            masked = x.float().masked_fill(~valid[:, :, None, None], float("-inf"))  # padded channels never win
+            ce = F.cross_entropy(masked, target, ignore_index=IGNORE_INDEX, reduction="none")  # [B, H, W], 0 on 255
+            if separate:
+                seen = target < num_seen
+                potential = (target >= num_seen) & (target != IGNORE_INDEX)
+                losses["ce"] = (ce * seen).sum() / seen.sum().clamp_min(1) + cfg.potential_weight * (
+                    ce * potential
+                ).sum() / potential.sum().clamp_min(1)
+            else:
+                losses["ce"] = ce.sum() / (target != IGNORE_INDEX).sum().clamp_min(1)
+        return losses
+
     @torch.no_grad()
     def pseudo_labels(self, teacher: TeacherOutput, labels: Tensor) -> Tensor:
         """The fused labels F [B, H, W] (for visualisation and tests); the labels themselves when PLM is off."""
+        pad = labels == PAD_INDEX
+        labels = labels.masked_fill(pad, IGNORE_INDEX)
         if self.plm is None:
-            return labels.clone()
-        return self.plm.pseudo_labels(teacher.dense, labels, self.seen_text.shape[0])[0]
+            return labels
+        return self.plm.pseudo_labels(teacher.dense, labels, self.seen_text.shape[0], pad)[0]

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from clipzss.config import PLMConfig
 from clipzss.method.kmeans import multiscale_kmeans
+from clipzss.method.prototype_loss import PrototypeTextLoss
 from clipzss.method.pseudo_labels import IGNORE_INDEX, fuse_clusters, fused_labels
 from clipzss.method.synthesizer import Synthesizer
 
@@ -26,42 +27,57 @@ class PLMOutput:
         labels: [B, H, W] F: seen ids 0..Ns-1, potential ids Ns..Ns+Kp-1, or 255.
         potential_logits: [B, Kp, h, w] beta * cos(R, P_pseudo), Kp = the most potential classes of an image.
         potential_valid: [B, Kp] bool, False on channels padding an image with fewer potential classes.
-        bce: scalar L_bce of the seen prototypes, or None without the synthesizer.
+        pseudo: [B, Kp, C] P_pseudo, the potential classes' weights (normalised).
+        text_loss: scalar loss of the seen prototypes against their texts, or None without the synthesizer.
         report: detached scalars for logging.
     """
 
     labels: Tensor
     potential_logits: Tensor
     potential_valid: Tensor
-    bce: Tensor | None
+    pseudo: Tensor
+    text_loss: Tensor | None
     report: dict[str, Tensor]
 
 
-def region_centroids(R: Tensor, labels: Tensor, num_regions: int) -> tuple[Tensor, Tensor]:
-    """Normalised mean of R inside each region of a label map, computed at R's resolution.
+def region_weights(labels: Tensor, num_regions: int, h: int, w: int) -> Tensor:
+    """How many label pixels of each region fall in each cell of an h x w grid.
 
-    F is resampled to R's grid by area: each cell of R weighs a region by how many of the region's label pixels
-    fall in that cell (cell of pixel (y, x) = (floor(y h / H), floor(x w / W))). This equals averaging the
-    nearest-upsampled R over the region's pixels, without materialising R at the label size.
+    Cell of pixel (y, x) = (floor(y h / H), floor(x w / W)): averaging grid features with these weights equals
+    averaging the nearest-upsampled features over the region's pixels, without materialising them at label size.
 
     Args:
-        R: [B, C, h, w] student features.
+        labels: [B, H, W] long region id in 0..num_regions-1, or any id outside that range (ignored, e.g. 255).
+        num_regions: N, regions per image.
+        h, w: the grid.
+
+    Returns:
+        [B, N, h*w] float pixel counts.
+    """
+    B = labels.shape[0]
+    H, W = labels.shape[-2:]
+    rows = torch.arange(H, device=labels.device) * h // H
+    cols = torch.arange(W, device=labels.device) * w // W
+    cell = (rows[:, None] * w + cols[None, :]).flatten()  # [H*W] index into L = h*w
+    region = labels.flatten(1)  # [B, H*W]
+    inside = (region >= 0) & (region < num_regions)
+    image = torch.arange(B, device=labels.device)[:, None]
+    index = ((image * num_regions + region.clamp(0, num_regions - 1)) * (h * w) + cell)[inside]
+    return torch.bincount(index, minlength=B * num_regions * h * w).view(B, num_regions, h * w).float()
+
+
+def region_centroids(R: Tensor, labels: Tensor, num_regions: int) -> tuple[Tensor, Tensor]:
+    """Normalised mean of R inside each region of a label map, computed at R's resolution (see region_weights).
+
+    Args:
+        R: [B, C, h, w] features (student R or teacher dense tokens D).
         labels: [B, H, W] long region id in 0..num_regions-1, or any id outside that range (ignored, e.g. 255).
         num_regions: N, regions per image.
 
     Returns:
         (centroids [B, N, C] L2-normalised, zero for absent regions; present [B, N] bool).
     """
-    B, C, h, w = R.shape
-    H, W = labels.shape[-2:]
-    rows = torch.arange(H, device=R.device) * h // H
-    cols = torch.arange(W, device=R.device) * w // W
-    cell = (rows[:, None] * w + cols[None, :]).flatten()  # [H*W] index into L = h*w
-    region = labels.flatten(1)  # [B, H*W]
-    inside = (region >= 0) & (region < num_regions)
-    image = torch.arange(B, device=R.device)[:, None]
-    index = ((image * num_regions + region.clamp(0, num_regions - 1)) * (h * w) + cell)[inside]
-    weights = torch.bincount(index, minlength=B * num_regions * h * w).view(B, num_regions, h * w).to(R.dtype)
+    weights = region_weights(labels, num_regions, *R.shape[-2:]).to(R.dtype)  # [B, N, L]
     sums = torch.bmm(weights, R.flatten(2).transpose(1, 2))  # [B, N, C]
     return F.normalize(sums, dim=-1), weights.sum(-1) > 0
 
@@ -79,9 +95,12 @@ class PixelLearning(nn.Module):
         self.cfg = cfg
         syn = cfg.synthesizer
         self.synthesizer = Synthesizer(embed_dim, syn.layers, syn.heads, syn.dense_memory) if syn.enabled else None
+        self.text_loss = PrototypeTextLoss(syn.loss) if syn.enabled else None
 
     @torch.no_grad()
-    def pseudo_labels(self, dense: Tensor, labels: Tensor, num_seen: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def pseudo_labels(
+        self, dense: Tensor, labels: Tensor, num_seen: int, pad: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """F from multi-scale K-Means on the teacher's dense tokens, fused and merged with the seen labels.
 
         Runs in float32 with autocast off: cluster assignments are argmaxes of near-equal cosines.
@@ -90,6 +109,7 @@ class PixelLearning(nn.Module):
             dense: [B, C, h', w'] teacher dense tokens (normalised).
             labels: [B, H, W] seen ids in 0..Ns-1 or 255.
             num_seen: Ns.
+            pad: [B, H, W] bool, True on crop padding (never a potential class); None = no padding.
 
         Returns:
             (F [B, H, W], report of detached scalars).
@@ -97,10 +117,12 @@ class PixelLearning(nn.Module):
         km = self.cfg.kmeans
         with torch.autocast(device_type=dense.device.type, enabled=False):
             result = multiscale_kmeans(dense.float(), km.scales, km.iters)
-            assign, num_clusters, _ = fuse_clusters(result, km.fuse_threshold)
+            assign, num_clusters, _ = fuse_clusters(result, km.fuse_threshold, km.fusion)
         clusters = assign.view(-1, *result.grid)  # [B, h', w']
-        fused = fused_labels(labels, clusters, num_seen, km.drop_seen_ratio)
+        fused = fused_labels(labels, clusters, num_seen, km.drop_seen_ratio, pad)
         unlabelled = labels == IGNORE_INDEX
+        if pad is not None:
+            unlabelled &= ~pad
         potential = (fused >= num_seen) & (fused != IGNORE_INDEX)
         report = {
             "plm/kmeans_inertia": result.inertia.mean() / result.tokens.shape[1],  # mean 1 - cos per token
@@ -114,48 +136,45 @@ class PixelLearning(nn.Module):
         return fused, report
 
     def forward(
-        self, R: Tensor, teacher: TeacherOutput, labels: Tensor, seen_text: Tensor, alpha: Tensor, beta: Tensor
+        self,
+        R: Tensor,
+        teacher: TeacherOutput,
+        labels: Tensor,
+        seen_text: Tensor,
+        alpha: Tensor,
+        beta: Tensor,
+        pad: Tensor | None = None,
     ) -> PLMOutput:
-        """Pseudo labels, prototypes of every region, L_bce and the potential-class logits.
+        """Pseudo labels, prototypes of every region, the text loss and the potential-class logits.
 
         Args:
             R: [B, C, h, w] student features (normalised).
             teacher: .cls [B, C] and .dense [B, C, h', w'] (normalised).
             labels: [B, H, W] seen ids in 0..Ns-1 or 255.
             seen_text: [Ns, C] normalised seen-class text embeddings.
-            alpha: scale of the seen prototype-text logits in L_bce.
+            alpha: logit scale of the seen prototype-text logits in the text loss.
             beta: scale of cos(R, P_pseudo).
+            pad: [B, H, W] bool crop padding, or None.
 
         Returns:
             See :class:`PLMOutput`.
         """
         num_seen = seen_text.shape[0]
-        fused, report = self.pseudo_labels(teacher.dense, labels, num_seen)
+        fused, report = self.pseudo_labels(teacher.dense, labels, num_seen, pad)
         num_potential = int(fused.masked_fill(fused == IGNORE_INDEX, -1).max()) + 1 - num_seen  # host sync
-        num_potential = max(num_potential, 0)
-        centroids, present = region_centroids(R, fused, num_seen + num_potential)  # [B, Ns+Kp, C], [B, Ns+Kp]
-        bce = None
+        num_regions = num_seen + max(num_potential, 0)
+        from_teacher = self.cfg.synthesizer.query == "teacher"
+        source = teacher.dense.to(R.dtype) if from_teacher else R
+        centroids, present = region_centroids(source, fused, num_regions)  # [B, Ns+Kp, C], [B, Ns+Kp]
+        text_loss = None
         if self.synthesizer is not None:
-            prototypes = self.synthesizer(centroids, present, teacher.cls, teacher.dense)
-            bce = self._bce(prototypes[:, :num_seen], present[:, :num_seen], seen_text, alpha)
+            mask = region_weights(fused, num_regions, *teacher.dense.shape[-2:]) > 0 if from_teacher else None
+            prototypes = self.synthesizer(centroids, present, teacher.cls, teacher.dense, mask)
+            text_loss = self.text_loss(prototypes[:, :num_seen], present[:, :num_seen], seen_text, alpha)
             pseudo = prototypes[:, num_seen:]  # [B, Kp, C]
+            if from_teacher:  # trained by its text loss only: CE would pull the weights towards the student
+                pseudo = pseudo.detach()
         else:
             pseudo = centroids[:, num_seen:]
         logits = beta * torch.einsum("bchw,bkc->bkhw", F.normalize(R, dim=1), pseudo)  # [B, Kp, h, w]
-        return PLMOutput(fused, logits, present[:, num_seen:], bce, report)
-
-    @staticmethod
-    def _bce(prototypes: Tensor, present: Tensor, seen_text: Tensor, scale: Tensor) -> Tensor:
-        """L_bce: sigmoid(scale P_seen T_seen^T) against one-hot (each seen prototype matches its own class text).
-
-        Args:
-            prototypes: [B, Ns, C] seen prototypes; present: [B, Ns] bool (absent classes have no prototype);
-            seen_text: [Ns, C]; scale: logit scale.
-
-        Returns:
-            Scalar, mean over present prototypes and the Ns text classes (0, attached, if none is present).
-        """
-        logits = scale * prototypes @ seen_text.t()  # [B, Ns, Ns]
-        target = torch.eye(seen_text.shape[0], device=logits.device, dtype=logits.dtype).expand_as(logits)
-        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(-1)  # [B, Ns]
-        return (loss * present).sum() / present.sum().clamp_min(1)
+        return PLMOutput(fused, logits, present[:, num_seen:], pseudo, text_loss, report)

@@ -11,22 +11,23 @@ from clipzss.method.kmeans import KMeansResult
 IGNORE_INDEX = 255
 
 
-def fuse_clusters(result: KMeansResult, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+def fuse_clusters(result: KMeansResult, threshold: float, mode: str = "merge") -> tuple[Tensor, Tensor, Tensor]:
     """Fuse similar clusters of different scales, then give every token one cluster of the fused set.
 
-    Pairs of centroids from DIFFERENT scales with cosine > ``threshold`` (lambda) are fused greedily in order of
-    decreasing similarity, each centroid taking part in at most one fusion; a fused cluster's centroid is the
-    renormalised mean of the pair (its mask, before re-assignment, is the union of both masks). The fused set is
-    the fused centroids plus every unfused centroid of every scale, and each token goes to its argmax centroid
-    among all of them: this is how the clusters of all scales become one label map. Clusters left without tokens
-    are removed and the rest re-indexed compactly, in order of (first member's scale, id).
+    ``mode="merge"`` (METHOD.md amendments): centroids of DIFFERENT scales with cosine > ``threshold`` (lambda) are
+    linked, and each connected group merges into one cluster (centroid = renormalised mean of its members; its mask,
+    before re-assignment, the union of theirs). The fused set is the merged centroids plus the unmerged centroids
+    of the finest scale (the one with the most clusters); unmerged coarser centroids are left out, so lambda and
+    the scale set change the clusters. ``mode="pairs"`` is the old reading: greedy one-to-one pairs in order of
+    decreasing similarity, and every unfused centroid of every scale stays in the set (fusion then changes nothing).
 
-    The similarities, re-assignment and compaction are batched; only the greedy matching loops, per image, over
-    the candidate pairs above the threshold (on CPU lists, not over pixels).
+    Each token goes to its argmax centroid in the fused set; clusters left without tokens are removed and the rest
+    re-indexed compactly, in slot order (the lowest member id of each cluster).
 
     Args:
         result: multi-scale K-Means clusters (tokens [B, L, C], centroids per scale [B, K_s, C]).
         threshold: lambda, the cosine above which two centroids of different scales are fused.
+        mode: "merge" or "pairs" (``plm.kmeans.fusion``).
 
     Returns:
         (assign [B, L] fused-cluster id in 0..K_f-1 of each token, num_clusters [B] = K_f per image,
@@ -35,6 +36,53 @@ def fuse_clusters(result: KMeansResult, threshold: float) -> tuple[Tensor, Tenso
     cents = torch.cat(result.centroids, dim=1)  # [B, K, C], K = sum_s K_s
     B, K, C = cents.shape
     scale_of = torch.cat([torch.full((c.shape[1],), i, device=cents.device) for i, c in enumerate(result.centroids)])
+    if mode == "merge":
+        fused, slot_valid = _merge(cents, scale_of, threshold)
+    elif mode == "pairs":
+        fused, slot_valid = _greedy_pairs(cents, scale_of, threshold)
+    else:
+        raise ValueError(f"plm.kmeans.fusion: unknown mode {mode!r}; allowed: merge, pairs")
+
+    tokens_sim = torch.bmm(result.tokens, fused.transpose(1, 2))  # [B, L, K]
+    assign = tokens_sim.masked_fill(~slot_valid[:, None, :], float("-inf")).argmax(-1)  # [B, L]
+    counts = torch.zeros(B, K, dtype=torch.long, device=cents.device).scatter_add_(1, assign, torch.ones_like(assign))
+    keep = counts > 0  # [B, K]
+    new_id = keep.cumsum(1) - 1  # compact ids of kept slots
+    num_clusters = keep.sum(1)
+    out = cents.new_zeros(B, int(num_clusters.max()), C)
+    rows, slots = keep.nonzero(as_tuple=True)
+    out[rows, new_id[rows, slots]] = fused[rows, slots]
+    return new_id.gather(1, assign), num_clusters, out
+
+
+def _merge(cents: Tensor, scale_of: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Connected groups of cross-scale links above ``threshold``: (centroids [B, K, C] indexed by each group's lowest
+    member id, slot_valid [B, K]: group roots of merged groups and unmerged finest-scale centroids)."""
+    B, K, _ = cents.shape
+    sim = torch.bmm(cents, cents.transpose(1, 2))  # [B, K, K]
+    eye = torch.eye(K, dtype=torch.bool, device=cents.device)
+    linked = ((sim > threshold) & (scale_of[:, None] != scale_of[None, :])) | eye  # [B, K, K]
+    root = torch.arange(K, device=cents.device).expand(B, K)
+    for _ in range(K):  # min-label propagation: at most K rounds to cover the longest path
+        nxt = torch.where(linked, root[:, None, :], K).amin(-1)  # [B, K]
+        if torch.equal(nxt, root):
+            break
+        root = nxt
+    member = root[:, None, :] == torch.arange(K, device=cents.device)[None, :, None]  # [B, K groups, K members]
+    fused = F.normalize(torch.bmm(member.to(cents.dtype), cents), dim=-1)  # [B, K, C] (rows of non-roots unused)
+    size = member.sum(-1)  # [B, K]
+    finest = scale_of == torch.bincount(scale_of).argmax()  # [K]
+    is_root = root == torch.arange(K, device=cents.device)
+    return fused, is_root & ((size > 1) | finest)
+
+
+def _greedy_pairs(cents: Tensor, scale_of: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Greedy one-to-one fusion (old mode): (centroids [B, K, C] of each slot, slot_valid [B, K]: one slot per fused
+    pair, at its lower id, and every unfused centroid of every scale).
+
+    The similarities are batched; only the matching loops, per image, over the candidate pairs above the threshold
+    (on CPU lists, not over pixels)."""
+    B, K, C = cents.shape
     sim = torch.bmm(cents, cents.transpose(1, 2))  # [B, K, K]
     first, second = torch.triu_indices(K, K, offset=1, device=cents.device)
     cross = scale_of[first] != scale_of[second]
@@ -54,21 +102,16 @@ def fuse_clusters(result: KMeansResult, threshold: float) -> tuple[Tensor, Tenso
     partner = torch.tensor(partner, device=cents.device)  # [B, K]
     slot_valid = partner >= torch.arange(K, device=cents.device)  # one slot per fused pair (lower id) or unfused
     fused = F.normalize(cents + cents.gather(1, partner[..., None].expand(-1, -1, C)), dim=-1)  # mean, renormalised
-
-    tokens_sim = torch.bmm(result.tokens, fused.transpose(1, 2))  # [B, L, K]
-    assign = tokens_sim.masked_fill(~slot_valid[:, None, :], float("-inf")).argmax(-1)  # [B, L]
-    counts = torch.zeros(B, K, dtype=torch.long, device=cents.device).scatter_add_(1, assign, torch.ones_like(assign))
-    keep = counts > 0  # [B, K]
-    new_id = keep.cumsum(1) - 1  # compact ids of kept slots
-    num_clusters = keep.sum(1)
-    out = cents.new_zeros(B, int(num_clusters.max()), C)
-    rows, slots = keep.nonzero(as_tuple=True)
-    out[rows, new_id[rows, slots]] = fused[rows, slots]
-    return new_id.gather(1, assign), num_clusters, out
+    return fused, slot_valid
 
 
 def fused_labels(
-    seen_labels: Tensor, clusters: Tensor, num_seen: int, drop_seen_ratio: float, ignore_index: int = IGNORE_INDEX
+    seen_labels: Tensor,
+    clusters: Tensor,
+    num_seen: int,
+    drop_seen_ratio: float,
+    pad: Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """The fused label map F: seen labels where annotated, potential-class ids on the ignore pixels.
 
@@ -82,6 +125,7 @@ def fused_labels(
         clusters: [B, h, w] long, cluster id per token (0..K-1).
         num_seen: Ns.
         drop_seen_ratio: the seen-pixel fraction above which a cluster is dropped.
+        pad: [B, H, W] bool, True on crop padding (None: no padding).
         ignore_index: the ignore label (255).
 
     Returns:
@@ -90,13 +134,16 @@ def fused_labels(
     B, H, W = seen_labels.shape
     up = F.interpolate(clusters[:, None].float(), size=(H, W), mode="nearest")[:, 0].long()  # [B, H, W]
     K = int(clusters.max()) + 1
-    ignored = seen_labels == ignore_index
+    inside = torch.ones_like(seen_labels, dtype=torch.bool) if pad is None else ~pad
+    ignored = (seen_labels == ignore_index) & inside
     flat = (up + K * torch.arange(B, device=up.device)[:, None, None]).flatten()  # ids into B*K
-    total = torch.bincount(flat, minlength=B * K).view(B, K)
+    total = torch.bincount(flat, weights=inside.flatten().float(), minlength=B * K).view(B, K)
     unlabelled = torch.bincount(flat, weights=ignored.flatten().float(), minlength=B * K).view(B, K)
     seen_fraction = (total - unlabelled) / total.clamp_min(1)
     keep = (unlabelled > 0) & (seen_fraction <= drop_seen_ratio)  # [B, K]
     new_id = keep.cumsum(1) - 1
     kept = keep.gather(1, up.flatten(1)).view(B, H, W)
     potential = num_seen + new_id.gather(1, up.flatten(1)).view(B, H, W)
-    return torch.where(ignored, torch.where(kept, potential, ignore_index), seen_labels)
+    return torch.where(
+        ignored, torch.where(kept, potential, ignore_index), seen_labels.masked_fill(~inside, ignore_index)
+    )

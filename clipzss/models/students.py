@@ -20,12 +20,14 @@ from functools import partial
 from pathlib import Path
 
 import timm
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import SegformerConfig, SegformerModel
 from transformers.models.segformer.modeling_segformer import SegformerDecodeHead
 
 from clipzss.config import StudentConfig
+from clipzss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clipzss.models.heads import FPNHead, UPerHead
 from clipzss.models.offline_weights import OFFLINE_WEIGHTS
 
@@ -42,15 +44,37 @@ MIT = {
 
 
 class Student(nn.Module):
-    """A backbone giving multi-scale features and a decode head ending in a 1x1 projection to C."""
+    """A backbone giving multi-scale features and a decode head ending in a 1x1 projection to C.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    Images arrive normalised with ImageNet's mean / std (the data pipeline's one convention); a backbone pretrained
+    with another normalisation (timm's ``pretrained_cfg``: EfficientNet-Lite takes mean = std = 0.5) gets its own,
+    re-normalised here: x' = (x * std_in + mean_in - mean) / std.
+
+    Args:
+        backbone, head: the network.
+        mean, std: RGB in the 0-1 scale the backbone expects (default: ImageNet's, no re-normalisation).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.renormalise = tuple(mean) != IMAGENET_MEAN or tuple(std) != IMAGENET_STD
+        in_mean, in_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        mean, std = torch.tensor(tuple(mean)), torch.tensor(tuple(std))
+        self.register_buffer("input_scale", (in_std / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_shift", ((in_mean - mean) / std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: Tensor) -> Tensor:
-        """[B, 3, H, W] -> R [B, C, h, w], L2-normalised over C (h = H/4)."""
+        """[B, 3, H, W] ImageNet-normalised -> R [B, C, h, w], L2-normalised over C (h = H/4)."""
+        if self.renormalise:
+            images = images * self.input_scale.to(images.dtype) + self.input_shift.to(images.dtype)
         return F.normalize(self.head(self.backbone(images)), dim=1)
 
 
@@ -135,7 +159,10 @@ def build_timm(
         ) from e
     channels = network.feature_info.channels()
     head_cls = UPerHead if head == "upernet" else FPNHead
-    return Student(TimmFeatures(network), head_cls(channels, cfg.decoder_channels, proj_dim))
+    norm = {}
+    if cfg.input_norm == "model":  # the normalisation timm pretrained this model with (also under random init)
+        norm = {"mean": network.pretrained_cfg["mean"], "std": network.pretrained_cfg["std"]}
+    return Student(TimmFeatures(network), head_cls(channels, cfg.decoder_channels, proj_dim), **norm)
 
 
 SWIN_TINY_TEST = {"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 4), "window_size": 4}
