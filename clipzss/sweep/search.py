@@ -13,7 +13,7 @@ from clipzss.sweep.options import SweepOptions
 from clipzss.sweep.optuna_plots import log_optuna_plots
 from clipzss.sweep.runner import Sweep, fit, prepare
 from clipzss.sweep.space import check_space, first_points, search_space
-from clipzss.sweep.summary import METRIC, MODE, best_value, close_orphans, print_best, save_best_config, trials_table
+from clipzss.sweep.summary import METRIC, MODE, best_value, close_children, print_best, save_best_config, trials_table
 
 
 def evaluations_per_trial(cfg: Config) -> int:
@@ -56,7 +56,7 @@ def run_search(opts: SweepOptions) -> dict[str, Any]:
     parent = sweep.parent
     if parent:
         parent.log_table(table, "trials.json")
-        close_orphans(sweep, [parent.run_id])
+        close_children(sweep, [parent.run_id], results)
     if results.num_errors == len(results):
         if parent:
             parent.finish("FAILED")

@@ -69,18 +69,33 @@ def print_best(sweep: Sweep, label: str, value: float, sample: dict[str, Any], c
     return command
 
 
-def close_orphans(sweep: Sweep, parents: list[str]) -> int:
-    """Runs under ``parents`` still RUNNING after the sweep (their trial process ended without closing them) end
-    KILLED with a tag saying so; returns how many."""
+def trial_run_name(result) -> str:
+    """The MLflow run name of a trial (``run_trial_<trial id>``, what ``tune.get_context().get_trial_name()`` gives)."""
+    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[2]
+    return f"run_trial_{trial_id}"
+
+
+def close_children(sweep: Sweep, parents: list[str], results) -> dict[str, int]:
+    """Make every child run's state true after the sweep; returns the counts.
+
+    A run still RUNNING (its trial process ended without closing it) ends KILLED, tagged so. A run of no trial of
+    ``results`` belonged to a trial Ray lost with its driver before saving the experiment state (``--resume``
+    re-samples it as a new trial): it is deleted (MLflow keeps it in the trash), so each trial has one child run.
+    """
     if not sweep.parent:
-        return 0
+        return {"killed": 0, "deleted": 0}
     client = sweep.parent.client
     experiment = client.get_run(sweep.parent.run_id).info.experiment_id
-    stale = []
+    trials = {trial_run_name(r) for r in results}
+    counts = {"killed": 0, "deleted": 0}
     for parent in parents:
-        query = f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"
-        stale += client.search_runs([experiment], query)
-    for run in stale:
-        client.set_tag(run.info.run_id, "clipzss.stopped", "its trial process ended without closing the run")
-        client.set_terminated(run.info.run_id, status="KILLED")
-    return len(stale)
+        for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'"):
+            if run.info.run_name not in trials:
+                client.set_tag(run.info.run_id, "clipzss.stopped", "its trial was lost with the sweep's driver")
+                client.delete_run(run.info.run_id)
+                counts["deleted"] += 1
+            elif run.info.status == "RUNNING":
+                client.set_tag(run.info.run_id, "clipzss.stopped", "its trial process ended without closing the run")
+                client.set_terminated(run.info.run_id, status="KILLED")
+                counts["killed"] += 1
+    return counts
