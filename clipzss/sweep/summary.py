@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +71,22 @@ def print_best(sweep: Sweep, label: str, value: float, sample: dict[str, Any], c
 
 
 def trial_run_name(result) -> str:
-    """The MLflow run name of a trial (``run_trial_<trial id>``, what ``tune.get_context().get_trial_name()`` gives)."""
-    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[2]
-    return f"run_trial_{trial_id}"
+    """The MLflow run name of a trial: ``tune.get_context().get_trial_name()``, i.e. ``run_trial_<trial id>`` (the
+    trial folder starts with it, then ``_<index>_<params>``, for a trial that never reported)."""
+    trial_id = (result.metrics or {}).get("trial_id")
+    if trial_id:
+        return f"run_trial_{trial_id}"
+    found = re.match(r"(run_trial_.+?)_\d+_[A-Za-z]", Path(result.path).name)
+    return found.group(1) if found else Path(result.path).name
 
 
 def close_children(sweep: Sweep, parents: list[str], results) -> dict[str, int]:
     """Make every child run's state true after the sweep; returns the counts.
 
-    A run still RUNNING (its trial process ended without closing it) ends KILLED, tagged so. A run of no trial of
-    ``results`` belonged to a trial Ray lost with its driver before saving the experiment state (``--resume``
-    re-samples it as a new trial): it is deleted (MLflow keeps it in the trash), so each trial has one child run.
+    A RUNNING run of no trial of ``results`` belonged to a trial Ray lost with its driver before saving the
+    experiment state (``--resume`` samples it again as a new trial): it is deleted (MLflow keeps it in the trash),
+    so each trial has one child run. Any other run still RUNNING (its trial process ended without closing it)
+    ends KILLED, tagged so.
     """
     if not sweep.parent:
         return {"killed": 0, "deleted": 0}
@@ -90,11 +96,13 @@ def close_children(sweep: Sweep, parents: list[str], results) -> dict[str, int]:
     counts = {"killed": 0, "deleted": 0}
     for parent in parents:
         for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'"):
+            if run.info.status != "RUNNING":
+                continue
             if run.info.run_name not in trials:
                 client.set_tag(run.info.run_id, "clipzss.stopped", "its trial was lost with the sweep's driver")
                 client.delete_run(run.info.run_id)
                 counts["deleted"] += 1
-            elif run.info.status == "RUNNING":
+            else:
                 client.set_tag(run.info.run_id, "clipzss.stopped", "its trial process ended without closing the run")
                 client.set_terminated(run.info.run_id, status="KILLED")
                 counts["killed"] += 1
