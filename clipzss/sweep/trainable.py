@@ -131,7 +131,7 @@ def run_trial(
 
     cfg = trial_config(sample, config, fixed, cell_runs[cell_key(sample)] if cell_runs else parent_run_id)
     output_dir = Path(cfg.run.output_dir)
-    restored = restore_latest_checkpoint(output_dir)
+    restore_latest_checkpoint(output_dir)
     reattach_mlflow_run(cfg, output_dir)
 
     final: list[tuple[dict[str, float], Path | None]] = []
@@ -147,7 +147,7 @@ def run_trial(
             _tune_report(metrics, checkpoint)
 
     try:
-        train(cfg, report=report, resume=restored is not None)
+        train(cfg, report=report, resume=True)  # the folder is this trial's own: continue whatever it holds
     except SystemExit as stop:  # Ray 2.60: the scheduler stopped this trial (sys.exit(0) inside tune.report)
         if stop.code not in (0, None):
             raise
