@@ -18,6 +18,19 @@ from clipzss.sweep import space  # noqa: E402
 from clipzss.sweep.summary import METRIC  # noqa: E402
 
 
+def test_smoke_defaults_and_explicit_flags():
+    opts = backbones.parse_args(["--smoke"])
+    assert (opts.samples, opts.max_concurrent, opts.cpus_per_trial, opts.gpus_per_trial) == (2, 2, 1.0, 0.0)
+    assert (opts.archs, opts.scales) == (space.SMOKE_ARCHS, space.SMOKE_SCALES)
+    opts = backbones.parse_args(["--archs", "swin_tiny,resnet50", "--scales", "8", "4,8", "--samples", "5"])
+    assert (opts.archs, opts.scales, opts.samples, opts.gpus_per_trial) == (
+        ("swin_tiny", "resnet50"),
+        ("8", "4,8"),
+        5,
+        1.0,
+    )
+
+
 def test_sampled_values_become_typed_overrides():
     sample = {"plm.kmeans.scales": "4,8,16", "optim.lr": 1.5e-05, "student.arch": "swin_tiny", "glm.weight": 0.0}
     cfg = load_config("voc", space.sample_overrides(sample))
