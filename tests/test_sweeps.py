@@ -72,7 +72,6 @@ def test_a_bad_search_value_names_its_key():
 
 
 def test_smoke_sweep_two_trials_nested_in_mlflow(assets, tmp_path):
-    import yaml
     from mlflow.tracking import MlflowClient
 
     ray_tmp = ray_tmpdir()
@@ -90,8 +89,8 @@ def test_smoke_sweep_two_trials_nested_in_mlflow(assets, tmp_path):
     assert parent.info.status == "FINISHED" and f"best/{METRIC}" in parent.data.metrics
     command = parent.data.tags["clipzss.retrain"]
     assert command == "accelerate launch -m clipzss.train ray/smoke/best_config.yaml" and command in done.stdout
-    best = yaml.safe_load((tmp_path / "ray" / "smoke" / "best_config.yaml").read_text())
-    assert best["student"]["arch"] in space.SMOKE_ARCHS and best["run"]["output_dir"] == "runs/smoke_best"
+    best = load_config(str(tmp_path / "ray" / "smoke" / "best_config.yaml"))  # what the retrain command loads
+    assert best.student.arch in space.SMOKE_ARCHS and best.run.output_dir == "runs/smoke_best"
 
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path))).read_text())
     table = dict(zip(table["columns"], zip(*table["data"], strict=True), strict=True))
