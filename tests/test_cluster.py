@@ -96,3 +96,34 @@ def test_endpoint_discovery_needs_a_connected_ray():
 
     with pytest.raises(RuntimeError, match="connect to the cluster first"):
         cluster_tracking_uri()
+
+
+def test_mlflow_head_backs_up_and_restores_its_store(tmp_path, monkeypatch):
+    """cluster/mlflow_head.py: a new head restores the SQLite backend its predecessor copied to S3."""
+    import importlib.util
+    import sqlite3
+
+    moto = pytest.importorskip("moto")
+    boto3 = pytest.importorskip("boto3")
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    spec = importlib.util.spec_from_file_location("mlflow_head", CLUSTER / "mlflow_head.py")
+    head = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(head)
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    with sqlite3.connect(old) as db:
+        db.execute("create table runs (run_uuid text)")
+        db.execute("insert into runs values ('abc')")
+    with moto.mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="bucket")
+        assert not head.restore(s3, "s3://bucket/mlflow", new)  # nothing stored yet: a new store
+        head.back_up(s3, "s3://bucket/mlflow", old)
+        assert head.restore(s3, "s3://bucket/mlflow", new)
+        assert not head.restore(s3, "s3://bucket/mlflow", old)  # a store already on the head is kept
+    with sqlite3.connect(new) as db:
+        assert db.execute("select run_uuid from runs").fetchall() == [("abc",)]
+    with pytest.raises(ValueError, match="--store '/srv/mlflow'"):
+        head.back_up(None, "/srv/mlflow", old)

@@ -10,4 +10,5 @@ optuna_plots.py  Optuna's own plots of a search, logged to the parent run
 grid.py          the benchmark grid over backbone x scales x seeds (``sweeps/benchmark.py``)
 table.py         the benchmark table: mean ± std, cost, paired comparison, markdown, heatmap
 cost.py          params, GFLOPs and images/s of a trained student
+endpoints.py     where a cluster's shared services are (the head's MLflow server, published as a Ray node label)
 """
