@@ -8,6 +8,7 @@ clipzss segment IMAGE... --checkpoint CKPT --classes "cat,grass,sky"
 clipzss export --checkpoint CKPT --classes "a,b" --out DIR   ONNX model + vocabulary + loader (student only)
 clipzss ablate [--seeds 3]                             the synthetic ablation benchmark (table -> MLflow)
 clipzss bench                                          speed figures (K-Means, training step, inference)
+clipzss sync RUN_DIR                                   deliver a run's spooled MLflow records (after an outage)
 clipzss pretrain-teacher --out DIR                     regenerate the synthetic world's tiny CLIP teacher
 """
 
@@ -92,6 +93,13 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync(args: argparse.Namespace) -> int:
+    from clipzss.train import deliver_spooled
+
+    left = deliver_spooled(args.run_dir, wait=args.wait)
+    return 1 if left else 0
+
+
 def _pretrain_teacher(args: argparse.Namespace) -> int:
     from clipzss.synthetic_clip import main as pretrain_main
 
@@ -149,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="print speed figures measured on this machine (and log them to MLflow)")
     add_bench_arguments(p)
     p.set_defaults(func=bench_from_args)
+
+    p = sub.add_parser("sync", help="deliver a run's spooled MLflow records once the server answers again")
+    p.add_argument("run_dir")
+    p.add_argument("--wait", type=float, default=60.0, help="give up after this many seconds (records stay spooled)")
+    p.set_defaults(func=_sync)
 
     p = sub.add_parser("pretrain-teacher", help="regenerate the synthetic world's tiny CLIP teacher")
     p.add_argument("--out", default="clipzss/assets")
