@@ -47,6 +47,9 @@ def print_inference(figures: dict, size: int) -> None:
         print(f"    {r['student']:14s} {r['form']:26s} {r['gflops']:7.1f} {r['ms']:8.1f} {r['first_call_s']:10.1f} "
               f"{r['argmax_agreement']:8.2%} {r['speedup_vs_eager_pipeline']:11.2f}x "
               f"{r['speedup_vs_best_clip_pipeline']:10.2f}x")  # fmt: skip
+    lightest = min(figures["rows"], key=lambda r: r["gflops"])["student"]
+    hits = [r["form"] for r in figures["rows"] if r["student"] == lightest and r["speedup_vs_eager_pipeline"] >= 5]
+    print(f"    >= 5x vs eager student + CLIP for the lightest student ({lightest}): {', '.join(hits) or 'no form'}")
     print(
         "    x eager+CLIP: (eager student + eager CLIP) / this form; x best CLIP: (this form + CLIP in its fastest "
         "form) / this form.\n    Deployable without torch: onnxruntime (clipzss export); the torch forms need torch."
