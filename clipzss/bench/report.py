@@ -36,8 +36,8 @@ def print_training_step(step: dict[str, float | str]) -> None:
 def print_inference(figures: dict, size: int) -> None:
     clip = ", ".join(f"{k} {v:.1f} ms" for k, v in figures["clip_ms"].items())
     print(f"\n[3] inference at {size}x{size}, batch 1: the deployed student (20-class classifier baked in) vs the "
-          f"same student + CLIP ViT-B/16\n    CLIP ViT-B/16 image tower: {figures['clip_params_M']:.1f} M params, "
-          f"{figures['clip_gflops']:.1f} GFLOPs; {clip}")  # fmt: skip
+          f"same student + CLIP ViT-B/16\n    CLIP ViT-B/16 image tower (random weights: speed does not depend on "
+          f"them): {figures['clip_params_M']:.1f} M params, {figures['clip_gflops']:.1f} GFLOPs; {clip}")  # fmt: skip
     for arch, p in figures["profiles"].items():
         print(f"    profile {arch}: backbone {p['backbone_ms']:.1f} ms ({p['backbone_gflop_per_s']:.0f} GFLOP/s), "
               f"decode head {p['head_ms']:.1f} ms ({p['head_gflop_per_s']:.0f} GFLOP/s)")  # fmt: skip
