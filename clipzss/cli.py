@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from clipzss.bench import add_arguments as add_bench_arguments
+from clipzss.bench import run_from_args as bench_from_args
+
 
 def _prepare(args: argparse.Namespace) -> int:
     if args.dataset == "synthetic":
@@ -91,13 +94,6 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from clipzss.bench import run_benchmarks
-
-    run_benchmarks(quick=args.quick)
-    return 0
-
-
 def _reliability(args: argparse.Namespace) -> int:
     from clipzss.reliability import run_reliability
 
@@ -166,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", help="overrides applied to every arm")
     p.set_defaults(func=_ablate)
 
-    p = sub.add_parser("bench", help="print speed figures measured on this machine")
-    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    p.set_defaults(func=_bench)
+    p = sub.add_parser("bench", help="print speed figures measured on this machine (and log them to MLflow)")
+    add_bench_arguments(p)
+    p.set_defaults(func=bench_from_args)
 
     p = sub.add_parser("reliability", help="replay faults against a real tiny training; print fault -> outcome")
     p.add_argument("--out", help="workspace for the runs (default: a new temporary folder)")
