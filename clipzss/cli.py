@@ -4,7 +4,7 @@ clipzss train [CONFIG] [key=value ...] [--resume]      train (same as accelerate
 clipzss prepare DATASET --root DIR                     download + convert a dataset (or generate 'synthetic')
 clipzss validate DATASET --root DIR                    report every problem in a dataset root at once
 clipzss eval --checkpoint CKPT [DATASET --root DIR]    zero-shot / cross-dataset evaluation
-clipzss segment IMAGE... --checkpoint CKPT --classes "cat,grass,sky"
+clipzss segment IMAGE... --checkpoint CKPT | --model runs:/RUN/student --classes "cat,grass,sky"
 clipzss ablate [--seeds 3]                             the synthetic ablation benchmark (table -> MLflow)
 clipzss bench                                          speed figures (K-Means, training step, inference)
 clipzss pretrain-teacher --out DIR                     regenerate the synthetic world's tiny CLIP teacher
@@ -13,6 +13,7 @@ clipzss pretrain-teacher --out DIR                     regenerate the synthetic 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -67,7 +68,15 @@ def _eval(args: argparse.Namespace) -> int:
 def _segment(args: argparse.Namespace) -> int:
     from clipzss.engine.segmenter import OpenVocabSegmenter
 
-    segmenter = OpenVocabSegmenter.from_checkpoint(args.checkpoint)
+    if args.model:
+        import mlflow
+
+        from clipzss.engine.tracking import default_uri
+
+        mlflow.set_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri())
+        segmenter = OpenVocabSegmenter.from_mlflow(args.model)
+    else:
+        segmenter = OpenVocabSegmenter.from_checkpoint(args.checkpoint)
     segmenter.set_vocabulary(args.classes.split(","))
     for image in args.images:
         print(segmenter.segment_file(image, args.out))
@@ -124,7 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment images with any vocabulary (student only)")
     p.add_argument("images", nargs="+")
-    p.add_argument("--checkpoint", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="an exported model.pt or a training checkpoint")
+    source.add_argument("--model", help="an MLflow model URI logged by training, e.g. runs:/<run id>/student")
+    p.add_argument("--tracking-uri", help="MLflow store of --model (default: sqlite:///$PWD/mlflow.db)")
     p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,grass,sky"')
     p.add_argument("--out", default="segmentations")
     p.set_defaults(func=_segment)

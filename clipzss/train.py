@@ -33,7 +33,7 @@ from clipzss.engine.checkpoint import (
 )
 from clipzss.engine.evaluate import evaluate
 from clipzss.engine.loader import training_batches
-from clipzss.engine.tracking import NullTracker, Tracker
+from clipzss.engine.tracking import NullTracker, Tracker, eval_metrics, log_datasets, run_description, run_name
 from clipzss.engine.visualize import confusion_picture, prediction_panel, pseudo_label_panel
 from clipzss.method.objective import CLIPZSSObjective
 from clipzss.metrics import format_table
@@ -122,10 +122,10 @@ def _check_finite(nonfinite: Tensor, step: int, losses: dict[str, Tensor], outpu
     )
 
 
-def _save_picture(picture: np.ndarray, path: Path, tracker, step: int) -> None:
+def _save_picture(picture: np.ndarray, path: Path, tracker) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture).save(path)
-    tracker.log_image(picture, path.stem.rsplit("_step", 1)[0], step)
+    tracker.log_artifact(path, "images")
 
 
 def train(cfg: Config, report: Report | None = None, resume: bool = False) -> dict[str, float]:
@@ -196,8 +196,9 @@ def train(cfg: Config, report: Report | None = None, resume: bool = False) -> di
             tags = {"clipzss.dataset": cfg.data.dataset}
             if cfg.tracking.parent_run_id:
                 tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-            tracker = Tracker(cfg.tracking, output_dir, tags=tags)
+            tracker = Tracker(cfg.tracking, output_dir, run_name(cfg), tags, run_description(cfg))
             tracker.log_params(flatten(cfg))
+            log_datasets(tracker, cfg, train_set, val_set)
             tracker.log_dict(to_dict(cfg), "config.yaml")
 
     try:
@@ -290,12 +291,12 @@ def _loop(cfg, accelerator, teacher, model, optimizer, scheduler, train_set, val
             final = {
                 f"val/{k}": float(v) for k, v in metrics.items() if k in ("pAcc", "mIoU", "mIoU_S", "mIoU_U", "hIoU")
             }
+            tracker.log_metrics(eval_metrics(metrics, val_set.class_names), step)
             final["step"] = step
-            tracker.log_metrics(final, step)
             if main and cfg.tracking.log_images:
                 for i, (image, target, pred) in enumerate(samples):
                     panel = prediction_panel(image, target, pred, val_set.class_names, val_set.unseen_ids)
-                    _save_picture(panel, output_dir / "images" / f"val_{i}_step{step}.png", tracker, step)
+                    _save_picture(panel, output_dir / "images" / f"val_{i}_step{step}.png", tracker)
                 if unwrapped.objective.plm is not None:
                     fused = unwrapped.objective.pseudo_labels(teacher_out, labels)
                     for i in range(min(2, len(images))):
@@ -305,22 +306,19 @@ def _loop(cfg, accelerator, teacher, model, optimizer, scheduler, train_set, val
                             fused[i].cpu().numpy(),
                             len(train_set.class_names),
                         )
-                        _save_picture(panel, output_dir / "images" / f"pseudo_{i}_step{step}.png", tracker, step)
+                        _save_picture(panel, output_dir / "images" / f"pseudo_{i}_step{step}.png", tracker)
             if report is not None:
                 report(final, saved)
     progress.close()
 
     if main:
-        bundle = export_model(
-            output_dir / MODEL_FILE,
-            unwrapped.student.state_dict(),
-            to_dict(cfg),
-            {"alpha": float(unwrapped.objective.scales()[0]), "embed_dim": teacher.embed_dim},
-        )
+        extra = {"alpha": float(unwrapped.objective.scales()[0]), "embed_dim": teacher.embed_dim}
+        bundle = export_model(output_dir / MODEL_FILE, unwrapped.student.state_dict(), to_dict(cfg), extra)
         tracker.log_artifact(bundle)
+        tracker.log_student(unwrapped.student.state_dict(), to_dict(cfg), extra)
         tracker.log_artifact(output_dir / "config.yaml")
         confusion = confusion_picture(metrics["matrix"].numpy(), val_set.class_names, val_set.unseen_ids)
-        _save_picture(confusion, output_dir / "images" / f"confusion_step{step}.png", tracker, step)
+        _save_picture(confusion, output_dir / "images" / f"confusion_step{step}.png", tracker)
         table = format_table(metrics, val_set.class_names, val_set.unseen_ids)
         (output_dir / "results.txt").write_text(table + "\n")
         tracker.log_artifact(output_dir / "results.txt")

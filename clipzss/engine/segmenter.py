@@ -5,6 +5,7 @@ Only the student runs on images. CLIP's text tower embeds the vocabulary once; n
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,19 @@ from clipzss.engine.inference import predict
 from clipzss.engine.visualize import overlay, side_by_side, upscale, with_legend
 from clipzss.models.students import build_student
 from clipzss.models.teacher import CLIPTeacher
+from clipzss.paths import resolve_path
+
+SYNTHETIC_TEACHER = "@assets/synthetic_clip.json"
+
+
+def known_vocabulary(teacher_model: str) -> tuple[str, ...] | None:
+    """The only names a teacher can read, for the shipped synthetic one (its captions name 16 categories);
+    None for a real CLIP, whose vocabulary is open."""
+    if resolve_path(teacher_model) != resolve_path(SYNTHETIC_TEACHER):
+        return None
+    from clipzss.data.synthetic import CLASSES
+
+    return CLASSES
 
 
 class OpenVocabSegmenter:
@@ -56,11 +70,34 @@ class OpenVocabSegmenter:
         student.load_state_dict(bundle["student"])
         return cls(cfg, student, float(bundle.get("alpha", cfg.loss.alpha)), text_encoder, device)
 
+    @classmethod
+    def from_mlflow(cls, uri: str, device: str | torch.device = "cpu") -> OpenVocabSegmenter:
+        """Load a student logged by training as an MLflow model (``runs:/<run id>/student``, ``models:/...``);
+        its config and logit scale come from the model's metadata. The tracking store is MLflow's current one."""
+        import mlflow.pytorch
+        from mlflow.models import get_model_info
+
+        metadata = get_model_info(uri).metadata or {}
+        if "clipzss_config" not in metadata:
+            raise ValueError(f"{uri} is not a clipzss student (its MLmodel metadata has no 'clipzss_config')")
+        cfg = from_dict(metadata["clipzss_config"])
+        student = mlflow.pytorch.load_model(uri, map_location="cpu")
+        return cls(cfg, student, float(metadata["alpha"]), CLIPTeacher(cfg.teacher), device)
+
     def set_vocabulary(self, class_names: Sequence[str]) -> None:
         """Embed the class names once (prompt ensemble); every later ``segment`` call reuses them."""
         names = [n.strip() for n in class_names if n.strip()]
         if not names:
             raise ValueError("the vocabulary is empty: give at least one class name")
+        known = known_vocabulary(self.cfg.teacher.model)
+        unknown = [n for n in names if known is not None and n not in known]
+        if unknown:
+            print(
+                f"warning: this student's teacher ({self.cfg.teacher.model}) was pretrained on captions naming only "
+                f"{len(known)} categories ({', '.join(known)}); {', '.join(map(repr, unknown))} are words it never "
+                "saw, so their segments are arbitrary. Use those names, or a student trained with a real CLIP.",
+                file=sys.stderr,
+            )
         self.vocabulary = names
         self.text = self._text_encoder.encode_text(names).to(self.device)
 
