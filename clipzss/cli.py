@@ -84,9 +84,10 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from clipzss.ablation import run_ablation
+    from clipzss.ablation import ARMS, run_ablation
 
-    run_ablation(seeds=args.seeds, output_root=args.out, quick=args.quick, overrides=args.set or [])
+    arms = args.arms.split(",") if args.arms else list(ARMS)
+    run_ablation(args.seeds, args.out, args.quick, args.set or [], arms, args.jobs)
     return 0
 
 
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--quick", action="store_true", help="CI-sized: a few steps per arm, checks the mechanics")
     p.add_argument("--set", nargs="*", help="overrides applied to every arm")
+    p.add_argument("--arms", help="comma-separated subset of: baseline,+GLM,+PLM,full,supervised (default: all)")
+    p.add_argument("--jobs", type=int, default=1, help="train this many arm x seed runs at once (subprocesses)")
     p.set_defaults(func=_ablate)
 
     p = sub.add_parser("bench", help="print speed figures measured on this machine")
