@@ -34,7 +34,7 @@ from clipzss.engine.checkpoint import (
 from clipzss.engine.evaluate import evaluate
 from clipzss.engine.loader import training_batches
 from clipzss.engine.tracking import NullTracker, Tracker, eval_metrics, log_datasets, run_description, run_name
-from clipzss.engine.visualize import confusion_picture, prediction_panel, pseudo_label_panel
+from clipzss.engine.visualize import confusion_picture, plm_panel, prediction_panel
 from clipzss.method.objective import CLIPZSSObjective
 from clipzss.metrics import format_table
 from clipzss.models.students import build_student
@@ -298,14 +298,9 @@ def _loop(cfg, accelerator, teacher, model, optimizer, scheduler, train_set, val
                     panel = prediction_panel(image, target, pred, val_set.class_names, val_set.unseen_ids)
                     _save_picture(panel, output_dir / "images" / f"val_{i}_step{step}.png", tracker)
                 if unwrapped.objective.plm is not None:
-                    fused = unwrapped.objective.pseudo_labels(teacher_out, labels)
                     for i in range(min(2, len(images))):
-                        panel = pseudo_label_panel(
-                            images[i].float().cpu().numpy(),
-                            labels[i].cpu().numpy(),
-                            fused[i].cpu().numpy(),
-                            len(train_set.class_names),
-                        )
+                        image, label = images[i].float().cpu().numpy(), labels[i].cpu().numpy()
+                        panel = plm_panel(image, label, teacher_out.dense[i], cfg.plm.kmeans, train_set.class_names)
                         _save_picture(panel, output_dir / "images" / f"pseudo_{i}_step{step}.png", tracker)
             if report is not None:
                 report(final, saved)

@@ -17,7 +17,7 @@ from clipzss.config import Config, from_dict
 from clipzss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clipzss.engine.checkpoint import load_model_bundle
 from clipzss.engine.inference import predict
-from clipzss.engine.visualize import overlay, side_by_side, upscale, with_legend
+from clipzss.engine.visualize import segmentation_panel
 from clipzss.models.students import build_student
 from clipzss.models.teacher import CLIPTeacher
 from clipzss.paths import resolve_path
@@ -124,11 +124,8 @@ class OpenVocabSegmenter:
         )
 
     def overlay_with_legend(self, image: Image.Image, labels: np.ndarray) -> np.ndarray:
-        """Image | overlay, with a legend of the classes present."""
-        rgb = np.asarray(image.convert("RGB"))
-        n = len(self.vocabulary)
-        present = sorted(np.unique(labels).tolist())
-        return with_legend(side_by_side(upscale(rgb), upscale(overlay(rgb, labels, n))), self.vocabulary, present, n)
+        """Image | segmentation, titled, with a legend of the classes present."""
+        return segmentation_panel(np.asarray(image.convert("RGB")), labels, self.vocabulary)
 
     def segment_file(self, path: str | Path, out_dir: str | Path) -> Path:
         """Segment one image file and write ``<out_dir>/<stem>_seg.png`` (overlay + legend)."""
