@@ -22,7 +22,8 @@ from clipzss.config import Config, TrackingConfig
 from clipzss.paths import resolve_path
 
 RUN_ID_FILE = "mlflow_run_id"
-# MLflow 3's UI opens an experiment without this tag in GenAI mode (traces dashboard, runs under "Evaluations").
+# MLflow's documented kind of an experiment. MLflow 3.17.2's own UI still opens every experiment in its GenAI view
+# unless its "Model training" toggle (or ?workflowType=machine_learning in the URL) says otherwise.
 EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",
     "mlflow.note.content": "CLIP-ZSS runs: students distilled from a frozen CLIP teacher (clipzss).",
@@ -110,7 +111,7 @@ def default_uri() -> str:
 
 
 @contextmanager
-def _quick_http():
+def quick_http():
     """Fail within seconds, not minutes, when a server does not answer (MLflow retries 7 times by default)."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
@@ -150,7 +151,7 @@ class Tracker:
 
         self.uri = cfg.uri or default_uri()
         self.output_dir = Path(output_dir)
-        with _quick_http():
+        with quick_http():
             try:
                 self.client = MlflowClient(tracking_uri=self.uri)
                 experiment_id = self._experiment(cfg.experiment)
@@ -180,7 +181,10 @@ class Tracker:
         """The id of experiment ``name``, created as a model-training experiment (older ones are tagged so)."""
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            return self.client.create_experiment(name, tags=EXPERIMENT_TAGS)
+            location = None  # a server's default; beside a SQLite file, its own mlruns/ (a store is one folder)
+            if self.uri.startswith("sqlite:///"):
+                location = (Path(self.uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
+            return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         for key, value in EXPERIMENT_TAGS.items():
             if key not in experiment.tags:  # never override what a user chose in the UI
                 self.client.set_experiment_tag(experiment.experiment_id, key, value)
@@ -202,10 +206,11 @@ class Tracker:
         for start in range(0, len(fresh), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=fresh[start : start + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        """``timestamp_ms``: when the values were produced (a spooled redelivery keeps it, so MLflow dedups it)."""
         from mlflow.entities import Metric
 
-        stamp = int(time.time() * 1000)
+        stamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         rows = [Metric(k, rounded(v), stamp, step) for k, v in metrics.items() if np.isfinite(v)]
         if rows:
             self.client.log_batch(self.run_id, metrics=rows)
@@ -217,11 +222,12 @@ class Tracker:
         self.client.log_dict(self.run_id, data, name)
 
     def log_table(self, data: dict[str, list], name: str) -> None:
-        """A column-oriented table; dotted column names are refused (the MLflow UI renders them blank)."""
-        dotted = [c for c in data if "." in c]
-        if dotted:
-            raise ValueError(f"table {name!r}: column names {dotted} contain dots, which MLflow's UI shows blank")
-        self.client.log_table(self.run_id, data, name)
+        """A column-oriented table; dots in column names become ``/`` (``optim.lr`` -> ``optim/lr``): MLflow's UI
+        reads a dotted name as a nested field and shows the column blank."""
+        renamed = {column.replace(".", "/"): values for column, values in data.items()}
+        if len(renamed) != len(data):
+            raise ValueError(f"table {name!r}: columns {list(data)} collide once dots become '/'")
+        self.client.log_table(self.run_id, renamed, name)
 
     def log_dataset(self, name: str, root: str | Path, digest: str, context: str) -> None:
         """Record a dataset (``name``, e.g. ``synthetic/default``, read from ``root``) as an input of this run."""
@@ -234,11 +240,11 @@ class Tracker:
         tags = [InputTag(key="mlflow.data.context", value=context)]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
 
-    def log_student(self, state: dict, config: dict, extra: dict, name: str = "student") -> str:
-        """Log the student as an MLflow PyTorch model with a signature (images [B, 3, H, W] -> R [B, C, h, w]) and
-        its config + ``extra`` (alpha, embed_dim) in the model's metadata, which ``clipzss segment --model
-        runs:/...`` reads; returns its URI. The student is rebuilt from ``state``: a trained module can hold
-        unpicklable forward-hook state."""
+    def log_student(self, bundle: str | Path, name: str = "student") -> str:
+        """Log the student of an exported ``model.pt`` as an MLflow PyTorch model with a signature (images
+        [B, 3, H, W] -> R [B, C, h, w]) and, in the model's metadata, its config, alpha and embed_dim (what
+        ``clipzss segment --model runs:/...`` reads); returns its URI. A path, not a module: the call is journalled
+        by the spool, and a module fresh from the file is free of a trained one's unpicklable hook state."""
         from importlib.metadata import version
 
         import mlflow.pytorch
@@ -247,10 +253,13 @@ class Tracker:
         from mlflow.types import Schema, TensorSpec
 
         from clipzss.config import from_dict
+        from clipzss.engine.checkpoint import load_model_bundle
         from clipzss.models.students import build_student
 
-        student = build_student(from_dict(config).student, extra["embed_dim"])
-        student.load_state_dict(state)
+        saved = load_model_bundle(bundle)
+        student = build_student(from_dict(saved["config"]).student, saved["embed_dim"])
+        student.load_state_dict(saved["student"])
+        extra = {"alpha": float(saved["alpha"]), "embed_dim": int(saved["embed_dim"])}
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "images")]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, extra["embed_dim"], -1, -1), "features")]),
@@ -264,7 +273,7 @@ class Tracker:
                     student.eval(),
                     name=name,
                     signature=signature,
-                    metadata={"clipzss_config": config, **extra},
+                    metadata={"clipzss_config": saved["config"], **extra},
                     pip_requirements=requirements,
                     serialization_format="pickle",  # "pt2" (a traced graph) would need an example input
                 )
