@@ -64,12 +64,14 @@ def restore_latest_checkpoint(output_dir: Path) -> Path | None:
     return target
 
 
-def reattach_mlflow_run(cfg: Config, output_dir: Path) -> None:
-    """A trial restarted in a fresh folder continues its own MLflow run (found by parent and run name)."""
+def reattach_mlflow_run(cfg: Config, output_dir: Path, resumable: bool) -> None:
+    """A trial restarted in a fresh folder continues its own MLflow run (found by parent and run name). A restart
+    with no checkpoint to continue from trains from step 0 in a new run, so its earlier attempts' runs are deleted:
+    one run per trial, each step logged once."""
     from mlflow.tracking import MlflowClient
 
     id_file = output_dir / RUN_ID_FILE
-    if id_file.exists() or not cfg.tracking.enabled or not cfg.tracking.parent_run_id:
+    if (resumable and id_file.exists()) or not cfg.tracking.enabled or not cfg.tracking.parent_run_id:
         return
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -78,6 +80,10 @@ def reattach_mlflow_run(cfg: Config, output_dir: Path) -> None:
     t = cfg.tracking
     query = f"tags.mlflow.parentRunId = '{t.parent_run_id}' and tags.`mlflow.runName` = '{t.run_name}'"
     runs = client.search_runs([experiment.experiment_id], query)
+    if not resumable:
+        for run in runs:
+            client.delete_run(run.info.run_id)
+        return
     if runs:
         output_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(runs[0].info.run_id)
@@ -132,7 +138,8 @@ def run_trial(
     cfg = trial_config(sample, config, fixed, cell_runs[cell_key(sample)] if cell_runs else parent_run_id)
     output_dir = Path(cfg.run.output_dir)
     restore_latest_checkpoint(output_dir)
-    reattach_mlflow_run(cfg, output_dir)
+    resumable = latest_checkpoint(output_dir) is not None
+    reattach_mlflow_run(cfg, output_dir, resumable)
 
     final: list[tuple[dict[str, float], Path | None]] = []
     last_step = [0]
@@ -147,7 +154,7 @@ def run_trial(
             _tune_report(metrics, checkpoint)
 
     try:
-        train(cfg, report=report, resume=True)  # the folder is this trial's own: continue whatever it holds
+        train(cfg, report=report, resume=resumable)  # the folder is this trial's own: continue what it holds
     except SystemExit as stop:  # Ray 2.60: the scheduler stopped this trial (sys.exit(0) inside tune.report)
         if stop.code not in (0, None):
             raise
