@@ -5,6 +5,7 @@ clipzss prepare DATASET --root DIR                     download + convert a data
 clipzss validate DATASET --root DIR                    report every problem in a dataset root at once
 clipzss eval --checkpoint CKPT [DATASET --root DIR]    zero-shot / cross-dataset evaluation
 clipzss segment IMAGE... --checkpoint CKPT --classes "cat,grass,sky"
+clipzss export --checkpoint CKPT --classes "a,b" --out DIR   ONNX model + vocabulary + loader (student only)
 clipzss ablate [--seeds 3]                             the synthetic ablation benchmark (table -> MLflow)
 clipzss bench                                          speed figures (K-Means, training step, inference)
 clipzss reliability [--out DIR]                        replay crashes, outages, races and bad input: fault -> outcome
@@ -76,6 +77,13 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from clipzss.export import export_segmenter
+
+    export_segmenter(args.checkpoint, args.classes.split(","), args.out)
+    return 0
+
+
 def _ablate(args: argparse.Namespace) -> int:
     from clipzss.ablation import run_ablation
 
@@ -144,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,grass,sky"')
     p.add_argument("--out", default="segmentations")
     p.set_defaults(func=_segment)
+
+    p = sub.add_parser("export", help="export the student + a vocabulary as an ONNX model with its loader")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,grass,sky"')
+    p.add_argument("--out", required=True, help="folder for model.onnx, deploy.json and segment.py")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("ablate", help="synthetic ablation benchmark: baseline, +GLM, +PLM, full, supervised")
     p.add_argument("--seeds", type=int, default=3)
