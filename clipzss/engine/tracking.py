@@ -29,7 +29,7 @@ def default_uri() -> str:
 
 
 @contextmanager
-def _quick_http():
+def quick_http():
     """Fail within seconds, not minutes, when a server does not answer (MLflow retries 7 times by default)."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
@@ -53,7 +53,7 @@ class Tracker:
 
         self.uri = cfg.uri or default_uri()
         self.output_dir = Path(output_dir)
-        with _quick_http():
+        with quick_http():
             try:
                 self.client = MlflowClient(tracking_uri=self.uri)
                 experiment = self.client.get_experiment_by_name(cfg.experiment)
@@ -88,10 +88,11 @@ class Tracker:
         for start in range(0, len(fresh), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=fresh[start : start + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        """``timestamp_ms``: when the values were produced (a spooled redelivery keeps it, so MLflow dedups it)."""
         from mlflow.entities import Metric
 
-        stamp = int(time.time() * 1000)
+        stamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         rows = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if np.isfinite(v)]
         if rows:
             self.client.log_batch(self.run_id, metrics=rows)
