@@ -116,8 +116,9 @@ def test_a_runs_metrics_and_pictures_are_visible(ui, page):
     run = f"{base}/#/experiments/{experiment}/runs/{training.info.run_id}"
     page.goto(f"{run}/model-metrics?workflowType=machine_learning")
     page.get_by_placeholder("Search metric charts").fill("hIoU")  # the val section is below the train charts
-    try:  # the chart of val/hIoU, titled hIoU in the section val
+    try:  # the chart of val/hIoU, titled hIoU in the section val, drawn (its x axis says Step)
         page.get_by_text("hIoU", exact=True).first.wait_for(state="visible", timeout=60_000)
+        page.get_by_text("Step", exact=True).first.wait_for(state="visible", timeout=60_000)
     finally:
         page.screenshot(path=str(shots / "run_metrics.png"), full_page=True)
     url = f"{run}/artifacts/images/val_0_step4.png?workflowType=machine_learning"
