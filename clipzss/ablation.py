@@ -196,7 +196,7 @@ def run_ablation(
 def _parent_run(base: Config, root: Path, seeds: int, arms: list[str], overrides: list[str], jobs: int) -> Tracker:
     """A new MLflow run for this invocation (never the previous one), with what it was asked to do."""
     shutil.rmtree(root / PARENT_DIR, ignore_errors=True)
-    name = f"ablation {seeds} seed{'s' if seeds > 1 else ''}" + "".join(f" {o}" for o in overrides)
+    name = f"ablation: {len(arms)} arms x {seeds} seed{'s' if seeds > 1 else ''}"  # short: the UI truncates names
     description = (
         f"`clipzss ablate`: arms {', '.join(arms)} on the synthetic world, {seeds} seeds each, "
         f"{base.optim.max_iters} steps per run. Children: one training run per arm and seed (param `arm`); "

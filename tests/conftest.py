@@ -37,3 +37,27 @@ def trained_run(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "run"
     train(load_config(None, tiny_overrides(assets, out, **{"tracking.enabled": "false"})))
     return out
+
+
+@pytest.fixture(scope="session")
+def real_store(tmp_path_factory):
+    """A store made by the real commands: a short synthetic ``clipzss train`` and a 2-arm quick ``clipzss ablate``.
+
+    Returns (folder, the overrides used): data, text cache, MLflow database and artifacts all live in the folder.
+    """
+    from clipzss.cli import main as cli
+
+    root = tmp_path_factory.mktemp("store")
+    common = [
+        f"data.root={root / 'world'}",
+        f"teacher.cache_dir={root / 'text'}",
+        f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.max_eval_images=4",
+        "run.progress=false",
+    ]
+    cli(["train", *common, "optim.max_iters=4", "run.eval_interval=2", f"run.output_dir={root / 'runs' / 'synthetic'}"])
+    cli(["ablate", "--seeds", "1", "--quick", "--arms", "baseline,full", "--out", str(root / "ablation"), "--set",
+         *common])  # fmt: skip
+    return root, common

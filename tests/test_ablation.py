@@ -23,7 +23,7 @@ def test_summarise_mean_and_std_over_seeds():
 def _parents(client: MlflowClient):
     experiment = client.get_experiment_by_name("clipzss").experiment_id
     runs = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
-    return [r for r in runs if r.info.run_name.startswith("ablation")]
+    return [r for r in runs if r.info.run_name.startswith("ablation:")]
 
 
 def test_quick_ablation_in_parallel_logs_comparable_arms_and_a_new_parent_each_time(tmp_path):
@@ -57,7 +57,7 @@ def test_quick_ablation_in_parallel_logs_comparable_arms_and_a_new_parent_each_t
     client = MlflowClient(tracking_uri=uri)
     parents = _parents(client)
     assert [p.info.status for p in parents] == ["FINISHED", "FINISHED"]  # a second ablate never reuses the first
-    assert parents[0].info.run_name == "ablation 1 seed " + " ".join(overrides)
+    assert parents[0].info.run_name == "ablation: 5 arms x 1 seed"
     params = parents[0].data.params
     assert params["seeds"] == "1" and params["steps"] == "4" and params["jobs"] == "2"
     assert params["arms"] == "[baseline, +GLM, +PLM, full, supervised]" and "data.batch_size=4" in params["overrides"]

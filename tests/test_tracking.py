@@ -104,11 +104,11 @@ def test_segment_warns_which_names_a_small_teacher_knows(tracked, capsys):
 def test_table_columns_lose_their_dots_which_the_ui_shows_blank(tmp_path):
     cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
     tracker = Tracker(cfg.tracking, tmp_path / "run", run_name="table")
-    tracker.log_table({"optim.lr": [0.1], "val/hIoU": [1.0]}, "trials.json")
+    tracker.log_table({"optim.lr": [0.1], "val/hIoU": [12.345678]}, "trials.json")
     with pytest.raises(ValueError, match="collide"):
         tracker.log_table({"optim.lr": [0.1], "optim/lr": [0.2]}, "bad.json")
     tracker.finish()
     mlflow.set_tracking_uri(tracker.uri)
     mlflow.set_experiment("clipzss")
     table = mlflow.load_table("trials.json", run_ids=[tracker.run_id])
-    assert list(table.columns) == ["optim/lr", "val/hIoU"]
+    assert list(table.columns) == ["optim/lr", "val/hIoU"] and table["val/hIoU"][0] == 12.346

@@ -235,8 +235,12 @@ class Tracker:
 
     def log_table(self, data: dict[str, list], name: str) -> None:
         """A column-oriented table; dots in column names become ``/`` (``optim.lr`` -> ``optim/lr``): MLflow's UI
-        reads a dotted name as a nested field and shows the column blank."""
-        renamed = {column.replace(".", "/"): values for column, values in data.items()}
+        reads a dotted name as a nested field and shows the column blank. Floats are rounded like metrics."""
+
+        def cell(v: Any) -> Any:
+            return rounded(v) if isinstance(v, float) and np.isfinite(v) else v
+
+        renamed = {column.replace(".", "/"): [cell(v) for v in values] for column, values in data.items()}
         if len(renamed) != len(data):
             raise ValueError(f"table {name!r}: columns {list(data)} collide once dots become '/'")
         self.client.log_table(self.run_id, renamed, name)

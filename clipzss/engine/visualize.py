@@ -86,16 +86,13 @@ def legend_for(ids: Sequence[int], names: Sequence[str], colours: np.ndarray, ig
 
 def render(panels: Sequence[tuple[str, np.ndarray]], legend: Legend, title: str = "") -> np.ndarray:
     """A row of titled RGB panels with a legend below them, as an RGB uint8 picture (~300 px per panel)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
     longest = max((len(n) for n, _ in legend), default=1)
     columns = max(1, min(len(legend), int(3 * len(panels) / (0.6 + 0.085 * longest))))  # entries fit the width
     legend_rows = -(-len(legend) // columns)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4 + 0.25 * legend_rows), squeeze=False)
+    fig = _figure((3 * len(panels), 3.4 + 0.25 * legend_rows))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (name, picture) in zip(axes[0], panels, strict=True):
         ax.imshow(picture, interpolation="nearest")
         ax.set_title(name, fontsize=11)
@@ -105,10 +102,22 @@ def render(panels: Sequence[tuple[str, np.ndarray]], legend: Legend, title: str 
     handles = [Patch(facecolor=np.asarray(c) / 255, edgecolor="black", label=n) for n, c in legend]
     fig.legend(handles=handles, loc="lower center", ncols=columns, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.27 * legend_rows / (3.4 + 0.25 * legend_rows) + 0.02, 1, 1))
+    return _pixels(fig)
+
+
+def _figure(size: tuple[float, float]):
+    """A matplotlib Figure on its own Agg canvas: pyplot's backend (a notebook's inline one) is left alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _pixels(fig) -> np.ndarray:
     fig.canvas.draw()
-    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return picture
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def prediction_panel(
@@ -216,16 +225,12 @@ def segmentation_panel(rgb: np.ndarray, labels: np.ndarray, names: Sequence[str]
 
 def confusion_picture(matrix: np.ndarray, names: Sequence[str], unseen_ids: Sequence[int] = ()) -> np.ndarray:
     """Row-normalised confusion matrix (ground truth x prediction) as an RGB picture; unseen names marked with *."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = matrix.astype(np.float64)
     rows = rows / np.maximum(rows.sum(1, keepdims=True), 1)
     labels = [f"{name}*" if i in set(unseen_ids) else name for i, name in enumerate(names)]
     side = max(4.0, 0.28 * len(names) + 2)
-    fig, ax = plt.subplots(figsize=(side + 1, side))
+    fig = _figure((side + 1, side))
+    ax = fig.subplots()
     image = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1)
     if len(names) <= 60:
         ax.set_xticks(range(len(names)), labels, rotation=90, fontsize=7)
@@ -235,7 +240,4 @@ def confusion_picture(matrix: np.ndarray, names: Sequence[str], unseen_ids: Sequ
     ax.set_title("confusion, rows normalised")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.canvas.draw()
-    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return picture
+    return _pixels(fig)
