@@ -5,8 +5,10 @@ clipzss prepare DATASET --root DIR                     download + convert a data
 clipzss validate DATASET --root DIR                    report every problem in a dataset root at once
 clipzss eval --checkpoint CKPT [DATASET --root DIR]    zero-shot / cross-dataset evaluation
 clipzss segment IMAGE... --checkpoint CKPT --classes "cat,grass,sky"
+clipzss export --checkpoint CKPT --classes "a,b" --out DIR   ONNX model + vocabulary + loader (student only)
 clipzss ablate [--seeds 3]                             the synthetic ablation benchmark (table -> MLflow)
 clipzss bench                                          speed figures (K-Means, training step, inference)
+clipzss sync RUN_DIR                                   deliver a run's spooled MLflow records (after an outage)
 clipzss pretrain-teacher --out DIR                     regenerate the synthetic world's tiny CLIP teacher
 """
 
@@ -74,6 +76,13 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from clipzss.export import export_segmenter
+
+    export_segmenter(args.checkpoint, args.classes.split(","), args.out)
+    return 0
+
+
 def _ablate(args: argparse.Namespace) -> int:
     from clipzss.ablation import run_ablation
 
@@ -86,6 +95,13 @@ def _bench(args: argparse.Namespace) -> int:
 
     run_benchmarks(quick=args.quick)
     return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from clipzss.train import deliver_spooled
+
+    left = deliver_spooled(args.run_dir, wait=args.wait)
+    return 1 if left else 0
 
 
 def _pretrain_teacher(args: argparse.Namespace) -> int:
@@ -129,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="segmentations")
     p.set_defaults(func=_segment)
 
+    p = sub.add_parser("export", help="export the student + a vocabulary as an ONNX model with its loader")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,grass,sky"')
+    p.add_argument("--out", required=True, help="folder for model.onnx, deploy.json and segment.py")
+    p.set_defaults(func=_export)
+
     p = sub.add_parser("ablate", help="synthetic ablation benchmark: baseline, +GLM, +PLM, full, supervised")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default="runs/ablation")
@@ -139,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="print speed figures measured on this machine")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("sync", help="deliver a run's spooled MLflow records once the server answers again")
+    p.add_argument("run_dir")
+    p.add_argument("--wait", type=float, default=60.0, help="give up after this many seconds (records stay spooled)")
+    p.set_defaults(func=_sync)
 
     p = sub.add_parser("pretrain-teacher", help="regenerate the synthetic world's tiny CLIP teacher")
     p.add_argument("--out", default="clipzss/assets")

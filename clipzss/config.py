@@ -21,6 +21,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from clipzss.config_rules import broken_rules
+
 
 class ConfigError(ValueError):
     """A configuration key or value is not valid; the message names the dotted key."""
@@ -209,7 +211,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         set_value(cfg, key.strip(), yaml.safe_load(raw) if raw.strip() else "", source="command line")
+    check_values(cfg)
     return cfg
+
+
+def check_values(cfg: Config) -> None:
+    """Raise :class:`ConfigError` listing every value that breaks its meaning (``clipzss.config_rules``)."""
+    problems = broken_rules(flatten(cfg))
+    if problems:
+        raise ConfigError("invalid configuration value(s):\n  " + "\n  ".join(problems))
 
 
 def apply_delta(cfg: Any, delta: dict, prefix: str = "", source: str = "") -> None:

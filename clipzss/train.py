@@ -14,14 +14,17 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from clipzss.config import Config, flatten, load_config, save_config, to_dict
+from clipzss.config import Config, check_values, flatten, load_config, save_config, to_dict
 from clipzss.data.datasets import build_dataset
 from clipzss.engine.checkpoint import (
     MODEL_FILE,
@@ -33,7 +36,11 @@ from clipzss.engine.checkpoint import (
 )
 from clipzss.engine.evaluate import evaluate
 from clipzss.engine.loader import training_batches
-from clipzss.engine.tracking import NullTracker, Tracker
+from clipzss.engine.resume import apply_optimizer_settings, resume_changes
+from clipzss.engine.run_lock import run_dir_lock
+from clipzss.engine.spool import Spool, pending_records, set_aside
+from clipzss.engine.stop import RunTerminated, StopRequest
+from clipzss.engine.tracking import RUN_ID_FILE, NullTracker, Tracker, quick_http
 from clipzss.engine.visualize import confusion_picture, prediction_panel, pseudo_label_panel
 from clipzss.method.objective import CLIPZSSObjective
 from clipzss.metrics import format_table
@@ -42,6 +49,13 @@ from clipzss.models.teacher import CLIPTeacher
 from clipzss.paths import resolve_path
 
 Report = Callable[[dict[str, float], Path | None], None]
+
+
+STOPPED_EARLY_TAG = "clipzss.stopped_early"  # set when a scheduler (Ray Tune) ends the run: "stopped early at step N"
+
+
+class ResumeError(RuntimeError):
+    """``--resume`` has nothing to continue; the message names the folder."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -128,6 +142,27 @@ def _save_picture(picture: np.ndarray, path: Path, tracker, step: int) -> None:
     tracker.log_image(picture, path.stem.rsplit("_step", 1)[0], step)
 
 
+@dataclass
+class RunState:
+    """Everything the training loop reads, and the step it advances."""
+
+    cfg: Config
+    accelerator: Any
+    teacher: CLIPTeacher
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_set: Any
+    val_set: Any
+    eval_text: Tensor
+    tracker: Any
+    output_dir: Path
+    report: Report | None
+    stop: StopRequest
+    step: int = 0
+    last_eval: dict = field(default_factory=dict)  # the latest evaluate() metrics (with the confusion matrix)
+
+
 def train(cfg: Config, report: Report | None = None, resume: bool = False) -> dict[str, float]:
     """Train a CLIP-ZSS student as configured; returns the final ``val/...`` metrics.
 
@@ -135,28 +170,58 @@ def train(cfg: Config, report: Report | None = None, resume: bool = False) -> di
         cfg: the resolved configuration.
         report: called after every evaluation with the flat metrics and the checkpoint just written (Ray Tune).
         resume: continue from the latest checkpoint in ``cfg.run.output_dir`` (exactly: same data, same RNG).
+
+    Raises:
+        RunTerminated: SIGTERM arrived; a checkpoint of the last step was written and MLflow says KILLED.
+        RunDirBusyError: another process is training in ``run.output_dir``.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
+    check_values(cfg)
     accelerator = Accelerator(
         mixed_precision=cfg.optim.mixed_precision,
         gradient_accumulation_steps=cfg.optim.grad_accum,
         cpu=cfg.run.device == "cpu",
     )
-    device, main = accelerator.device, accelerator.is_main_process
+    cfg, checkpoint = _choose_run_dir(cfg, resume, accelerator)
+    output_dir = Path(cfg.run.output_dir)
+    with run_dir_lock(output_dir) if accelerator.is_main_process else nullcontext(), StopRequest() as stop:
+        return _train_in(cfg, accelerator, checkpoint, report, stop)
+
+
+def _choose_run_dir(cfg: Config, resume: bool, accelerator) -> tuple[Config, Path | None]:
+    """The run folder (never overwrite a run: a fresh start beside one goes to ``<dir>_2``) and the checkpoint."""
     output_dir = Path(resolve_path(cfg.run.output_dir))
     checkpoint = latest_checkpoint(output_dir)
-    if checkpoint is not None and not resume:  # never overwrite a run: start beside it
+    if resume and checkpoint is None:
+        raise ResumeError(
+            f"--resume: nothing to resume in {output_dir} (no checkpoints/step_*.pt there). "
+            "Check run.output_dir, or drop --resume to start a new run."
+        )
+    cfg = copy.deepcopy(cfg)
+    if checkpoint is not None and not resume:
         taken, output_dir = output_dir, _fresh_sibling(output_dir)
-        cfg = copy.deepcopy(cfg)
-        cfg.run.output_dir = str(output_dir)
         checkpoint = None
         accelerator.print(
             f"{taken} already holds a run (pass --resume to continue it); this one writes to {output_dir}"
         )
-    set_seed(cfg.run.seed)
+    cfg.run.output_dir = str(output_dir)
+    return cfg, checkpoint
 
+
+def _train_in(cfg: Config, accelerator, checkpoint: Path | None, report: Report | None, stop: StopRequest):
+    """Build everything, restore ``checkpoint`` if any, and run the loop with tracking (inside the run-dir lock)."""
+    from accelerate.utils import set_seed
+
+    device, output_dir = accelerator.device, Path(cfg.run.output_dir)
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    changes = resume_changes(state["config"], cfg) if state is not None else {}
+    if state is not None and state["step"] >= cfg.optim.max_iters:
+        raise ResumeError(
+            f"--resume: {checkpoint} already reached optim.max_iters={cfg.optim.max_iters}; "
+            f"pass optim.max_iters=N (N > {state['step']}) to train further."
+        )
+    set_seed(cfg.run.seed)
     with accelerator.main_process_first():
         prepare_data_root(cfg)
     train_set = build_dataset(cfg.data, "train")
@@ -171,164 +236,262 @@ def train(cfg: Config, report: Report | None = None, resume: bool = False) -> di
     seen_text = teacher.encode_text(train_set.class_names).to(device)
     eval_text = teacher.encode_text(val_set.class_names).to(device)
     student = build_student(cfg.student, teacher.embed_dim)
-    objective = CLIPZSSObjective(cfg, seen_text)
-    model = TrainModule(student, objective).to(device)
+    model = TrainModule(student, CLIPZSSObjective(cfg, seen_text)).to(device)
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_with_warmup(cfg))
-
     start = 0
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint)
+    if state is not None:
+        fresh = [{"initial_lr": g["initial_lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        apply_optimizer_settings(optimizer, scheduler, fresh)
         set_rng_state(state["rng"])
         start = state["step"]
         accelerator.print(f"resumed from {checkpoint} at step {start}")
     # The scheduler is stepped by hand once per optimiser step (a prepared one steps once per process).
     model, optimizer = accelerator.prepare(model, optimizer)
-
     tracker = NullTracker()
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
         save_config(cfg, output_dir / "config.yaml")
         if cfg.tracking.enabled:
-            tags = {"clipzss.dataset": cfg.data.dataset}
-            if cfg.tracking.parent_run_id:
-                tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-            tracker = Tracker(cfg.tracking, output_dir, tags=tags)
-            tracker.log_params(flatten(cfg))
-            tracker.log_dict(to_dict(cfg), "config.yaml")
-
+            tracker = _open_tracking(cfg, output_dir, resumed=state is not None, changes=changes, start=start)
+    run = RunState(cfg, accelerator, teacher, model, optimizer, scheduler, train_set, val_set, eval_text, tracker,
+                   output_dir, report, stop, start)  # fmt: skip
     try:
-        final = _loop(cfg, accelerator, teacher, model, optimizer, scheduler, train_set, val_set, eval_text, tracker,
-                      output_dir, start, report)  # fmt: skip
+        final = _loop(run)
     except BaseException as e:
-        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        _end_tracking(run, e)
         raise
+    finally:
+        if isinstance(tracker, Spool):
+            tracker.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
 
 
-def _loop(cfg, accelerator, teacher, model, optimizer, scheduler, train_set, val_set, eval_text, tracker, output_dir,
-          start, report) -> dict[str, float]:  # fmt: skip
-    """The training loop proper, from optimiser step ``start`` to ``optim.max_iters``; returns the last val metrics."""
-    device, main = accelerator.device, accelerator.is_main_process
+def _open_tracking(cfg: Config, output_dir: Path, resumed: bool, changes: dict, start: int) -> Spool:
+    """The MLflow run of this folder behind a spool; a fresh (not resumed) run always gets a new MLflow run."""
+    if not resumed:  # a re-run in a folder without checkpoints must not inherit the old run's params
+        (output_dir / RUN_ID_FILE).unlink(missing_ok=True)
+        kept = set_aside(output_dir)
+        if kept is not None:
+            print(f"undelivered tracking records of the previous run in {output_dir} were kept in {kept}")
+    tags = {"clipzss.dataset": cfg.data.dataset}
+    if cfg.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+    spool = Spool(Tracker(cfg.tracking, output_dir, tags=tags), output_dir, quiet_http=quick_http)
+    if resumed:  # MLflow never changes a logged param: a resume override is logged under its own name
+        spool.log_params({f"{k}.from_step_{start}": str(new) for k, (_, new) in changes.items()})
+    else:
+        spool.log_params({k: str(v) for k, v in flatten(cfg).items()})
+    spool.log_dict(to_dict(cfg), "config.yaml")
+    return spool
+
+
+def _end_tracking(run: RunState, error: BaseException) -> None:
+    """Give the MLflow run a true status: KILLED for SIGTERM, Ctrl-C and a scheduler's stop, else FAILED."""
+    stopped_early = isinstance(error, SystemExit) and error.code in (0, None)  # Ray Tune ending a trial
+    if stopped_early:
+        run.tracker.set_tags({STOPPED_EARLY_TAG: f"stopped early at step {run.step}"})
+    killed = stopped_early or isinstance(error, (KeyboardInterrupt, RunTerminated))
+    run.tracker.finish("KILLED" if killed else "FAILED")
+
+
+def _at(step: int, interval: int, last: int) -> bool:
+    return (interval > 0 and step % interval == 0) or step == last
+
+
+def _loop(run: RunState) -> dict[str, float]:
+    """The training loop proper, from ``run.step`` to ``optim.max_iters``; returns the last val metrics."""
+    cfg, accelerator, o = run.cfg, run.accelerator, run.cfg.optim
     rank, world = accelerator.process_index, accelerator.num_processes
-    unwrapped: TrainModule = accelerator.unwrap_model(model)
-    o = cfg.optim
     batches = training_batches(
-        train_set, cfg.data.batch_size, cfg.run.seed, cfg.data.num_workers, rank, world, start * o.grad_accum
+        run.train_set, cfg.data.batch_size, cfg.run.seed, cfg.data.num_workers, rank, world, run.step * o.grad_accum
     )
-    sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-    nonfinite = torch.zeros((), device=device, dtype=torch.long)
-    counted, last_log, final = 0, time.perf_counter(), {}
-    needs_teacher = unwrapped.objective.needs_teacher
-    progress = _progress(cfg, start, main)
-    model.train()
-    step = start
-    while step < o.max_iters:
-        for _ in range(o.grad_accum):
-            batch = next(batches)
-            images, labels = batch["image"].to(device), batch["label"].to(device)
-            with accelerator.accumulate(model), accelerator.autocast():
-                teacher_out = teacher(images) if needs_teacher else None
-                losses, step_report = model(images, labels, teacher_out)
-                accelerator.backward(losses["total"])
-                if accelerator.sync_gradients and o.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            nonfinite += (~torch.isfinite(losses["total"].detach())).long()
-            for key, value in {**{f"loss/{k}": v for k, v in losses.items()}, **step_report}.items():
-                sums[key] += value.detach().float()
-            counted += 1
-        scheduler.step()
-        step += 1
+    sums = _Sums(accelerator.device)
+    progress = _progress(cfg, run.step, accelerator.is_main_process)
+    final: dict[str, float] = {}
+    run.model.train()
+    while run.step < o.max_iters:
+        losses, batch = _train_step(run, batches, sums)
         progress.update(1)
-
-        if step % cfg.run.log_interval == 0 or step == o.max_iters:
-            _check_finite(nonfinite, step, losses, output_dir)
-            logged = {f"train/{k}": v.item() / counted for k, v in sums.items()}
-            logged["train/lr"] = scheduler.get_last_lr()[0]
-            logged["train/sec_per_step"] = (time.perf_counter() - last_log) / (counted / o.grad_accum)
-            tracker.log_metrics(logged, step)
+        if _at(run.step, cfg.run.log_interval, o.max_iters):
+            logged = _log_train(run, sums, losses)
             progress.set_postfix(loss=f"{logged['train/loss/total']:.3f}")
-            sums.clear()
-            counted, last_log = 0, time.perf_counter()
-
-        saved = None
-        if (cfg.run.checkpoint_interval and step % cfg.run.checkpoint_interval == 0) or step == o.max_iters:
-            _check_finite(nonfinite, step, losses, output_dir)
-            if main:
-                saved = save_checkpoint(
-                    output_dir,
-                    step,
-                    {
-                        "model": unwrapped.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "config": to_dict(cfg),
-                    },
-                )
-            accelerator.wait_for_everyone()
-
-        if (cfg.run.eval_interval and step % cfg.run.eval_interval == 0) or step == o.max_iters:
-            metrics, samples = evaluate(
-                unwrapped.student,
-                val_set,
-                eval_text,
-                float(unwrapped.objective.scales()[0]),
-                cfg.data,
-                device,
-                rank,
-                world,
-                reduce=lambda t: accelerator.reduce(t, "sum"),
-                progress=cfg.run.progress,
-            )
-            final = {
-                f"val/{k}": float(v) for k, v in metrics.items() if k in ("pAcc", "mIoU", "mIoU_S", "mIoU_U", "hIoU")
-            }
-            final["step"] = step
-            tracker.log_metrics(final, step)
-            if main and cfg.tracking.log_images:
-                for i, (image, target, pred) in enumerate(samples):
-                    panel = prediction_panel(image, target, pred, val_set.class_names, val_set.unseen_ids)
-                    _save_picture(panel, output_dir / "images" / f"val_{i}_step{step}.png", tracker, step)
-                if unwrapped.objective.plm is not None:
-                    fused = unwrapped.objective.pseudo_labels(teacher_out, labels)
-                    for i in range(min(2, len(images))):
-                        panel = pseudo_label_panel(
-                            images[i].float().cpu().numpy(),
-                            labels[i].cpu().numpy(),
-                            fused[i].cpu().numpy(),
-                            len(train_set.class_names),
-                        )
-                        _save_picture(panel, output_dir / "images" / f"pseudo_{i}_step{step}.png", tracker, step)
-            if report is not None:
-                report(final, saved)
+        checkpointed = _at(run.step, cfg.run.checkpoint_interval, o.max_iters)
+        saved = _checkpoint(run, sums, losses) if checkpointed else None
+        if _at(run.step, cfg.run.eval_interval, o.max_iters):
+            final = _evaluate(run, batch)
+            if run.report is not None:
+                run.report(final, saved)
+        if _stop_requested(run):
+            saved = saved if checkpointed else _checkpoint(run, sums, losses)
+            raise RunTerminated(f"SIGTERM: stopped after step {run.step}, checkpoint {saved}; continue with --resume")
     progress.close()
-
-    if main:
-        bundle = export_model(
-            output_dir / MODEL_FILE,
-            unwrapped.student.state_dict(),
-            to_dict(cfg),
-            {"alpha": float(unwrapped.objective.scales()[0]), "embed_dim": teacher.embed_dim},
-        )
-        tracker.log_artifact(bundle)
-        tracker.log_artifact(output_dir / "config.yaml")
-        confusion = confusion_picture(metrics["matrix"].numpy(), val_set.class_names, val_set.unseen_ids)
-        _save_picture(confusion, output_dir / "images" / f"confusion_step{step}.png", tracker, step)
-        table = format_table(metrics, val_set.class_names, val_set.unseen_ids)
-        (output_dir / "results.txt").write_text(table + "\n")
-        tracker.log_artifact(output_dir / "results.txt")
-        tracker.finish()
-        print(table)
-        if cfg.tracking.enabled:
-            print(f"\nBrowse this run: mlflow ui --backend-store-uri {tracker.uri}   (then open http://127.0.0.1:5000)")
+    if accelerator.is_main_process:
+        _finish(run)
     return final
+
+
+class _Sums:
+    """Running sums of the logged scalars between two log steps (kept on device: no sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.values: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+        self.nonfinite = torch.zeros((), device=device, dtype=torch.long)
+        self.counted, self.since = 0, time.perf_counter()
+
+    def reset(self) -> None:
+        self.values.clear()
+        self.counted, self.since = 0, time.perf_counter()
+
+
+def _train_step(run: RunState, batches, sums: _Sums) -> tuple[dict[str, Tensor], tuple]:
+    """One optimiser step (``grad_accum`` micro-batches); returns the last losses and (images, labels, teacher_out)."""
+    accelerator, o, device = run.accelerator, run.cfg.optim, run.accelerator.device
+    needs_teacher = accelerator.unwrap_model(run.model).objective.needs_teacher
+    for _ in range(o.grad_accum):
+        batch = next(batches)
+        images, labels = batch["image"].to(device), batch["label"].to(device)
+        with accelerator.accumulate(run.model), accelerator.autocast():
+            teacher_out = run.teacher(images) if needs_teacher else None
+            losses, step_report = run.model(images, labels, teacher_out)
+            accelerator.backward(losses["total"])
+            if accelerator.sync_gradients and o.grad_clip > 0:
+                accelerator.clip_grad_norm_(run.model.parameters(), o.grad_clip)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        sums.nonfinite += (~torch.isfinite(losses["total"].detach())).long()
+        for key, value in {**{f"loss/{k}": v for k, v in losses.items()}, **step_report}.items():
+            sums.values[key] += value.detach().float()
+        sums.counted += 1
+    run.scheduler.step()
+    run.step += 1
+    return losses, (images, labels, teacher_out)
+
+
+def _log_train(run: RunState, sums: _Sums, losses: dict[str, Tensor]) -> dict[str, float]:
+    _check_finite(sums.nonfinite, run.step, losses, run.output_dir)
+    logged = {f"train/{k}": v.item() / sums.counted for k, v in sums.values.items()}
+    logged["train/lr"] = run.scheduler.get_last_lr()[0]
+    logged["train/sec_per_step"] = (time.perf_counter() - sums.since) / (sums.counted / run.cfg.optim.grad_accum)
+    run.tracker.log_metrics(logged, run.step)
+    sums.reset()
+    return logged
+
+
+def _checkpoint(run: RunState, sums: _Sums, losses: dict[str, Tensor]) -> Path | None:
+    """Write ``checkpoints/step_<step>.pt`` (main process) once the loss is known finite; returns its path."""
+    _check_finite(sums.nonfinite, run.step, losses, run.output_dir)
+    saved = None
+    if run.accelerator.is_main_process:
+        saved = save_checkpoint(
+            run.output_dir,
+            run.step,
+            {
+                "model": run.accelerator.unwrap_model(run.model).state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(),
+                "config": to_dict(run.cfg),
+            },
+        )
+    run.accelerator.wait_for_everyone()
+    return saved
+
+
+def _evaluate(run: RunState, batch: tuple) -> dict[str, float]:
+    """Validate, log the val metrics and (main process) the pictures; returns the flat ``val/...`` metrics."""
+    accelerator, cfg, step = run.accelerator, run.cfg, run.step
+    unwrapped: TrainModule = accelerator.unwrap_model(run.model)
+    metrics, samples = evaluate(
+        unwrapped.student,
+        run.val_set,
+        run.eval_text,
+        float(unwrapped.objective.scales()[0]),
+        cfg.data,
+        accelerator.device,
+        accelerator.process_index,
+        accelerator.num_processes,
+        reduce=lambda t: accelerator.reduce(t, "sum"),
+        progress=cfg.run.progress,
+    )
+    run.last_eval = metrics
+    final = {f"val/{k}": float(v) for k, v in metrics.items() if k in ("pAcc", "mIoU", "mIoU_S", "mIoU_U", "hIoU")}
+    final["step"] = step
+    run.tracker.log_metrics(final, step)
+    if accelerator.is_main_process and cfg.tracking.log_images:
+        images_dir, class_names = run.output_dir / "images", run.val_set.class_names
+        for i, (image, target, pred) in enumerate(samples):
+            panel = prediction_panel(image, target, pred, class_names, run.val_set.unseen_ids)
+            _save_picture(panel, images_dir / f"val_{i}_step{step}.png", run.tracker, step)
+        if unwrapped.objective.plm is not None:
+            images, labels, teacher_out = batch
+            fused = unwrapped.objective.pseudo_labels(teacher_out, labels)
+            for i in range(min(2, len(images))):
+                panel = pseudo_label_panel(
+                    images[i].float().cpu().numpy(),
+                    labels[i].cpu().numpy(),
+                    fused[i].cpu().numpy(),
+                    len(run.train_set.class_names),
+                )
+                _save_picture(panel, images_dir / f"pseudo_{i}_step{step}.png", run.tracker, step)
+    return final
+
+
+def _stop_requested(run: RunState) -> bool:
+    """SIGTERM seen by any process (all processes must stop at the same step to write one checkpoint)."""
+    flag = run.stop.requested
+    if run.accelerator.num_processes == 1:
+        return flag
+    total = run.accelerator.reduce(torch.tensor(int(flag), device=run.accelerator.device), "sum")
+    return int(total.item()) > 0
+
+
+def _finish(run: RunState) -> None:
+    """Export model.pt, the confusion picture and the results table; end the MLflow run as FINISHED."""
+    unwrapped: TrainModule = run.accelerator.unwrap_model(run.model)
+    output_dir, tracker, val_set = run.output_dir, run.tracker, run.val_set
+    bundle = export_model(
+        output_dir / MODEL_FILE,
+        unwrapped.student.state_dict(),
+        to_dict(run.cfg),
+        {"alpha": float(unwrapped.objective.scales()[0]), "embed_dim": run.teacher.embed_dim},
+    )
+    tracker.log_artifact(bundle)
+    tracker.log_artifact(output_dir / "config.yaml")
+    confusion = confusion_picture(run.last_eval["matrix"].numpy(), val_set.class_names, val_set.unseen_ids)
+    _save_picture(confusion, output_dir / "images" / f"confusion_step{run.step}.png", tracker, run.step)
+    table = format_table(run.last_eval, val_set.class_names, val_set.unseen_ids)
+    (output_dir / "results.txt").write_text(table + "\n")
+    tracker.log_artifact(output_dir / "results.txt")
+    tracker.finish()
+    print(table)
+    if run.cfg.tracking.enabled:
+        print(f"\nBrowse this run: {browse_hint(tracker.uri, tracker.run_id)}")
+
+
+def deliver_spooled(run_dir: str | Path, wait: float) -> int:
+    """Deliver the MLflow records a run left in its spool (``clipzss sync``); returns how many still wait."""
+    run_dir = Path(run_dir)
+    waiting = pending_records(run_dir)
+    if waiting == 0:
+        print(f"{run_dir}: nothing waits for delivery")
+        return 0
+    cfg = load_config(run_dir / "config.yaml")
+    with run_dir_lock(run_dir):
+        left = Spool(Tracker(cfg.tracking, run_dir), run_dir, quiet_http=quick_http).close(wait)
+    print(f"{run_dir}: delivered {waiting - left} of {waiting} spooled tracking record(s)")
+    return left
+
+
+def browse_hint(uri: str, run_id: str) -> str:
+    """How to open the run in the MLflow UI: the server itself, or ``mlflow ui`` over a local store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')} (run {run_id})"
+    return f"mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000, run {run_id})"
 
 
 def _progress(cfg: Config, start: int, main: bool):
@@ -362,7 +525,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, resume = parse_args(argv)
-    train(cfg, resume=resume)
+    try:
+        train(cfg, resume=resume)
+    except RunTerminated as e:
+        print(e, file=sys.stderr)
+        return RunTerminated.exit_code
     return 0
 
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -70,3 +72,32 @@ def test_every_dotted_key_is_settable():
     for key, value in flatten(cfg).items():
         load_config(None, [f"{key}={yaml.safe_dump(list(value) if isinstance(value, tuple) else value).strip()}"])
     assert len(flatten(cfg)) > 40
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=-1", "optim.lr: must be > 0, got -1.0"),
+        ("data.batch_size=0", "data.batch_size: must be >= 1, got 0"),
+        ("optim.max_iters=0", "optim.max_iters: must be >= 1, got 0"),
+        ("data.root=", "data.root: must not be empty"),
+        ("data.flip_prob=1.5", "data.flip_prob: must be in [0, 1]"),
+        ("plm.kmeans.scales=[]", "plm.kmeans.scales: must be a non-empty list"),
+        ("data.test_stride=600", "data.test_stride: must be <= data.test_window (512)"),
+    ],
+)
+def test_meaningless_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_every_broken_value_is_reported_at_once():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["optim.lr=0", "data.batch_size=-2", "run.log_interval=0"])
+    assert all(key in str(caught.value) for key in ("optim.lr", "data.batch_size", "run.log_interval"))
+
+
+def test_every_rule_names_a_real_key():
+    from clipzss.config_rules import RULES
+
+    assert set(RULES) <= set(flatten(Config()))

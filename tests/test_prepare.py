@@ -1,11 +1,13 @@
 """Dataset preparation on tiny raw-format archives (no network): conversions, layouts, resumable downloads."""
 
+import hashlib
 import http.server
 import io
 import sys
 import tarfile
 import threading
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,3 +234,41 @@ def test_download_resumes_a_partial_file_and_skips_a_complete_one(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def serve(handler):
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_file_of_the_right_size_but_wrong_hash_is_fetched_again(tmp_path):
+    published = "md5:" + hashlib.md5(PAYLOAD).hexdigest()
+    server = serve(RangeHandler)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/archive.tar"
+        dest = tmp_path / "archive.tar"
+        dest.write_bytes(bytes(len(PAYLOAD)))  # the server's size, other bytes
+        RangeHandler.gets.clear()
+        prep.download_file(url, dest, published)
+        assert dest.read_bytes() == PAYLOAD and RangeHandler.gets == [""]
+        prep.download_file(url, dest, published)  # matches: no GET
+        assert RangeHandler.gets == [""]
+        (tmp_path / "archive.tar.part").write_bytes(b"\xff" * 100)  # a corrupt partial file, resumed then checked
+        dest.unlink()
+        with pytest.raises(OSError, match=r"archive\.tar has md5:.*but md5:.* is published: deleted"):
+            prep.download_file(url, dest, published)
+        assert not dest.exists() and not (tmp_path / "archive.tar.part").exists()
+        prep.download_file(url, dest, published)  # the rerun starts clean
+        assert dest.read_bytes() == PAYLOAD
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_every_archive_is_https_with_a_published_checksum():
+    archives = {a for p in prep.PREPARERS.values() for a in p.archives}
+    assert all(a.url.startswith("https://") for a in archives)
+    assert {a.filename for a in archives if not a.checksum} == {"stuffthingmaps_trainval2017.zip"}  # none published
+    with pytest.raises(ValueError, match="only https URLs"):
+        prep.download_file("http://example.org/x.tar", Path("x.tar"))

@@ -55,7 +55,14 @@ def empty_split(root):
     return path, "empty val split", "val"
 
 
-CASES = [corrupt_image, truncated_image, label_out_of_range, size_mismatch]
+def float_image(root):
+    path = root / "JPEGImages" / "train_0003.jpg"
+    size = Image.open(path).size
+    Image.new("F", size, 0.5).save(path, "TIFF")  # Pillow reads by content, not by the name's suffix
+    return path, "32-bit float image (Pillow mode F)", "train"
+
+
+CASES = [corrupt_image, truncated_image, label_out_of_range, size_mismatch, float_image]
 CASES += [split_names_missing_file, missing_split_file, empty_split]
 
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from clipzss.config import DataConfig
+from clipzss.data.images import ImageModeError, to_rgb
 from clipzss.data.splits import ZeroShotSplit, load_split
 from clipzss.data.transforms import IGNORE_INDEX, TestTransform, TrainTransform
 
@@ -203,9 +204,11 @@ def read_sample(
     try:
         with Image.open(sample.image) as f:
             f.load()
-            image = f.convert("RGB")
+            image = to_rgb(f, sample.image)
     except (OSError, UnidentifiedImageError, SyntaxError) as e:  # Pillow raises these for corrupt/truncated files
         problems.append(Problem(str(sample.image), f"corrupt or truncated image ({e})"))
+    except ImageModeError as e:
+        problems.append(Problem(str(sample.image), e.reason))
     try:
         with Image.open(sample.label) as f:
             f.load()

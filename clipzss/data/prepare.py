@@ -2,13 +2,15 @@
 
 The conversions follow mmsegmentation's ``tools/dataset_converters`` (voc_aug.py, coco_stuff164k.py,
 pascal_context.py); ADE20K ships in its layout already. Downloads resume (``<archive>.part``) and an archive already
-present with the server's size is not fetched again; with ``download=False`` the archives must already be in
-``root``.
+present is kept only if it matches its published checksum; with ``download=False`` the archives must already be in
+``root`` and are converted as they are (a repack or a mirror of your own).
 """
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable
@@ -22,30 +24,51 @@ from tqdm import tqdm
 
 @dataclass(frozen=True)
 class Archive:
-    """An official archive: its file name in ``root`` and where it is published."""
+    """An official archive: its file name in ``root``, where it is published (https), and its published checksum
+    (``"md5:<hex>"`` or ``"sha1:<hex>"``; ``""`` where the publisher gives none)."""
 
     filename: str
     url: str
+    checksum: str = ""
 
 
+# Checksums as published with the datasets and repeated by torchvision (VOC, SBD, Context JSON), the COCO download
+# scripts (COCO) and GluonCV (ADE20K). COCO-Stuff publishes none for its label maps.
 VOC2012 = Archive(
-    "VOCtrainval_11-May-2012.tar", "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
+    "VOCtrainval_11-May-2012.tar",
+    "https://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
+    "md5:6cd6e144f989b92b3379bac3b3de84fd",
 )
 SBD = Archive(
     "benchmark.tgz",
-    "http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz",
+    "https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz",
+    "md5:82b4d87ceb2ed10f6038a1cba92111cb",
 )
 VOC2010 = Archive(
-    "VOCtrainval_03-May-2010.tar", "http://host.robots.ox.ac.uk/pascal/VOC/voc2010/VOCtrainval_03-May-2010.tar"
+    "VOCtrainval_03-May-2010.tar",
+    "https://host.robots.ox.ac.uk/pascal/VOC/voc2010/VOCtrainval_03-May-2010.tar",
+    "md5:da459979d0c395079b5c75ee67908abb",
 )
-CONTEXT_JSON = Archive("trainval_merged.json", "https://codalabuser.blob.core.windows.net/public/trainval_merged.json")
-COCO_TRAIN = Archive("train2017.zip", "http://images.cocodataset.org/zips/train2017.zip")
-COCO_VAL = Archive("val2017.zip", "http://images.cocodataset.org/zips/val2017.zip")
+CONTEXT_JSON = Archive(
+    "trainval_merged.json",
+    "https://codalabuser.blob.core.windows.net/public/trainval_merged.json",
+    "md5:3c2d0c0656b7be9eb61928ffe885d8ce",
+)
+COCO_TRAIN = Archive(
+    "train2017.zip", "https://images.cocodataset.org/zips/train2017.zip", "md5:cced6f7f71b7629ddf16f17bbcfab6b2"
+)
+COCO_VAL = Archive(
+    "val2017.zip", "https://images.cocodataset.org/zips/val2017.zip", "md5:442b8da7639aecaf257c1dceb8ba8c80"
+)
 COCO_STUFF_MAPS = Archive(
     "stuffthingmaps_trainval2017.zip",
-    "http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/stuffthingmaps_trainval2017.zip",
+    "https://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/stuffthingmaps_trainval2017.zip",
 )
-ADE20K = Archive("ADEChallengeData2016.zip", "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip")
+ADE20K = Archive(
+    "ADEChallengeData2016.zip",
+    "https://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
+    "sha1:219e1696abb36c8ba3a3afe7fb2f4b4606a897c7",
+)
 
 DETAIL_HELP = (
     "PASCAL Context conversion needs the Detail API ('detail' package), which is not on PyPI: install it with\n"
@@ -65,12 +88,46 @@ CONTEXT_IDS = np.sort(
 )
 
 
-def download_file(url: str, dest: Path, chunk_size: int = 1 << 20) -> Path:
-    """Fetch ``url`` to ``dest`` with a progress bar, resuming ``dest.part``; skip if ``dest`` has the server's size.
+def check_url(url: str) -> None:
+    """Only https travels the internet; plain http is accepted on the loopback interface alone (a local mirror)."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme != "https" and not (parsed.scheme == "http" and parsed.hostname in ("127.0.0.1", "localhost")):
+        raise ValueError(f"refusing to download {url}: only https URLs are fetched (http only from 127.0.0.1)")
+
+
+def file_digest(path: Path, checksum: str) -> str:
+    """``"<algorithm>:<hex>"`` of ``path`` by the algorithm ``checksum`` names (md5, sha1, sha256); shows progress."""
+    algorithm = checksum.partition(":")[0]
+    if algorithm not in ("md5", "sha1", "sha256"):
+        raise ValueError(f"unknown checksum algorithm in {checksum!r} (md5, sha1 or sha256)")
+    digest = hashlib.new(algorithm)
+    with (
+        open(path, "rb") as f,
+        tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"check {path.name}") as bar,
+    ):
+        while block := f.read(1 << 24):
+            digest.update(block)
+            bar.update(len(block))
+    return f"{algorithm}:{digest.hexdigest()}"
+
+
+def download_file(url: str, dest: Path, checksum: str = "", chunk_size: int = 1 << 20) -> Path:
+    """Fetch ``url`` to ``dest`` with a progress bar, resuming ``dest.part``, and check it against ``checksum``.
+
+    A ``dest`` already there is kept only if it matches ``checksum`` (or, with no published checksum, the server's
+    size); otherwise it is fetched again. A finished download that does not match is deleted.
 
     Raises:
-        OSError: the transfer ended short (rerun to resume) or the server cannot be reached.
+        ValueError: ``url`` is not https.
+        OSError: the transfer ended short (rerun to resume), the server cannot be reached, or the download does not
+            match its published checksum.
     """
+    check_url(url)
+    if dest.is_file() and checksum:
+        if file_digest(dest, checksum) == checksum:
+            return dest
+        print(f"{dest} does not match its published checksum {checksum}: fetching it again")
+        dest.unlink()
     with urllib.request.urlopen(urllib.request.Request(url, method="HEAD")) as response:
         length = response.headers.get("Content-Length")
     expected = int(length) if length is not None else None
@@ -78,6 +135,16 @@ def download_file(url: str, dest: Path, chunk_size: int = 1 << 20) -> Path:
         if expected is None or dest.stat().st_size == expected:
             return dest
         dest.unlink()  # a different size: not the published archive
+    part = _fetch_part(url, dest, expected, chunk_size)
+    if checksum and (found := file_digest(part, checksum)) != checksum:
+        part.unlink()
+        raise OSError(f"download of {url} has {found}, but {checksum} is published: deleted; rerun to fetch it again")
+    part.rename(dest)
+    return dest
+
+
+def _fetch_part(url: str, dest: Path, expected: int | None, chunk_size: int) -> Path:
+    """Download into ``dest.part``, continuing what an earlier attempt left there; returns the complete part file."""
     part = dest.with_name(dest.name + ".part")
     start = part.stat().st_size if part.is_file() else 0
     if expected is not None and start > expected:
@@ -97,8 +164,7 @@ def download_file(url: str, dest: Path, chunk_size: int = 1 << 20) -> Path:
     size = part.stat().st_size
     if expected is not None and size != expected:
         raise OSError(f"download of {url} stopped at {size} of {expected} bytes; rerun to resume ({part})")
-    part.rename(dest)
-    return dest
+    return part
 
 
 def fetch_archives(archives: tuple[Archive, ...], root: Path, download: bool) -> dict[str, Path]:
@@ -110,7 +176,7 @@ def fetch_archives(archives: tuple[Archive, ...], root: Path, download: bool) ->
     paths = {a.filename: root / a.filename for a in archives}
     if download:
         for archive in archives:
-            download_file(archive.url, paths[archive.filename])
+            download_file(archive.url, paths[archive.filename], archive.checksum)
         return paths
     missing = [f"  {paths[a.filename]} (download it from {a.url})" for a in archives if not paths[a.filename].is_file()]
     if missing:

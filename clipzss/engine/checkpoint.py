@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,28 @@ MODEL_FILE = "model.pt"
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, most often); the message names the file and the free space."""
+
+
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file in the same folder, then an atomic rename."""
+    """torch.save through a temporary file in the same folder, then an atomic rename.
+
+    Raises:
+        CheckpointWriteError: the write failed; the temporary file is removed so it does not keep the space.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as "RuntimeError: ... unexpected pos"
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise CheckpointWriteError(
+            f"cannot write {path} ({type(e).__name__}: {e}); {free:.0f} MiB free on that disk (full?). "
+            f"No partial file was left; the earlier files in {path.parent} are intact."
+        ) from e
 
 
 def rng_state() -> dict[str, Any]:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from clipzss.config import Config, from_dict
+from clipzss.data.images import to_rgb
 from clipzss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clipzss.engine.checkpoint import load_model_bundle
 from clipzss.engine.inference import predict
@@ -52,8 +53,18 @@ class OpenVocabSegmenter:
         bundle = load_model_bundle(path)
         cfg = from_dict(bundle["config"])
         text_encoder = CLIPTeacher(cfg.teacher)
+        saved_dim = bundle.get("embed_dim")
+        if saved_dim is not None and saved_dim != text_encoder.embed_dim:
+            raise ValueError(
+                f"{path}: the student was trained for {saved_dim}-d CLIP embeddings, but its teacher "
+                f"{cfg.teacher.model!r} ({cfg.teacher.pretrained or 'random init'}) gives {text_encoder.embed_dim}-d "
+                "ones: the bundle and that teacher do not belong together"
+            )
         student = build_student(cfg.student, text_encoder.embed_dim)
-        student.load_state_dict(bundle["student"])
+        try:
+            student.load_state_dict(bundle["student"])
+        except RuntimeError as e:
+            raise ValueError(f"{path}: the weights do not fit the student its config builds ({e})") from e
         return cls(cfg, student, float(bundle.get("alpha", cfg.loss.alpha)), text_encoder, device)
 
     def set_vocabulary(self, class_names: Sequence[str]) -> None:
@@ -61,12 +72,15 @@ class OpenVocabSegmenter:
         names = [n.strip() for n in class_names if n.strip()]
         if not names:
             raise ValueError("the vocabulary is empty: give at least one class name")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"class name(s) given more than once: {', '.join(repeated)} (each class needs one name)")
         self.vocabulary = names
         self.text = self._text_encoder.encode_text(names).to(self.device)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """RGB image -> normalised [3, H', W'] with the short side resized to ``data.test_short_side``."""
-        rgb = image.convert("RGB")
+        rgb = to_rgb(image)
         short = self.cfg.data.test_short_side
         scale = short / min(rgb.size)
         rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BILINEAR)
@@ -88,7 +102,7 @@ class OpenVocabSegmenter:
 
     def overlay_with_legend(self, image: Image.Image, labels: np.ndarray) -> np.ndarray:
         """Image | overlay, with a legend of the classes present."""
-        rgb = np.asarray(image.convert("RGB"))
+        rgb = np.asarray(to_rgb(image))
         n = len(self.vocabulary)
         present = sorted(np.unique(labels).tolist())
         return with_legend(side_by_side(upscale(rgb), upscale(overlay(rgb, labels, n))), self.vocabulary, present, n)
@@ -98,7 +112,7 @@ class OpenVocabSegmenter:
         path = Path(path)
         try:
             with Image.open(path) as raw:
-                image = raw.convert("RGB")
+                image = to_rgb(raw, path)
         except OSError as e:
             raise ValueError(f"cannot read image {path}: {e}") from e
         labels = self.segment(image)

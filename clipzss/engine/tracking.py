@@ -29,7 +29,7 @@ def default_uri() -> str:
 
 
 @contextmanager
-def _quick_http():
+def quick_http():
     """Fail within seconds, not minutes, when a server does not answer (MLflow retries 7 times by default)."""
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
@@ -53,7 +53,7 @@ class Tracker:
 
         self.uri = cfg.uri or default_uri()
         self.output_dir = Path(output_dir)
-        with _quick_http():
+        with quick_http():
             try:
                 self.client = MlflowClient(tracking_uri=self.uri)
                 experiment = self.client.get_experiment_by_name(cfg.experiment)
@@ -68,10 +68,8 @@ class Tracker:
                 ) from e
         id_file = self.output_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else ""
-        self._logged: dict[str, int] | None = None  # continued run: last step already logged per metric
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
-            self._logged = {}
         else:
             run = self.client.create_run(
                 experiment_id, run_name=run_name or cfg.run_name or self.output_dir.name, tags=tags or {}
@@ -90,21 +88,12 @@ class Tracker:
         for start in range(0, len(fresh), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=fresh[start : start + 100])
 
-    def _already_logged(self, key: str, step: int) -> bool:
-        """A continued run resumed from a checkpoint older than its last logged step: that step is not logged twice
-        (exact resume recomputes the same values)."""
-        if self._logged is None:
-            return False
-        if key not in self._logged:
-            self._logged[key] = max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
-        return step <= self._logged[key]
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        """``timestamp_ms``: when the values were produced (a spooled redelivery keeps it, so MLflow dedups it)."""
         from mlflow.entities import Metric
 
-        stamp = int(time.time() * 1000)
-        rows = [Metric(k, float(v), stamp, step) for k, v in metrics.items()
-                if np.isfinite(v) and not self._already_logged(k, step)]  # fmt: skip
+        stamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+        rows = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if np.isfinite(v)]
         if rows:
             self.client.log_batch(self.run_id, metrics=rows)
 

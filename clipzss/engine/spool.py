@@ -1,0 +1,227 @@
+"""A write-ahead spool between the trainer and MLflow: training never waits on the tracking server.
+
+Every tracker call (``log_metrics``, ``log_params``, ``log_artifact``, ``finish``...) is first appended to a journal
+in the run directory (``tracking_spool.jsonl``), then delivered in order by one background thread to the real
+:class:`~clipzss.engine.tracking.Tracker`. The journal makes three promises:
+
+- **Nothing is lost in an outage.** A call that fails for a network or server reason stays in the journal and is
+  retried with back-off until the server answers; what is still undelivered when the run ends waits in the journal
+  and is delivered by the next ``--resume`` of that folder.
+- **Training is never blocked.** Appending a line is all the training thread does; the closing flush waits at most
+  :data:`FLUSH_SECONDS`.
+- **A metric is committed once per (key, step).** A resumed run recomputes the steps after its last checkpoint
+  (bit-identically); values already journalled for those steps are not logged again, and each metric carries the
+  timestamp of its first journalling, so a redelivery after a crash is an exact duplicate that MLflow ignores.
+
+A call the server *refuses* (a bad value, not an outage) is moved to ``tracking_spool.rejected.jsonl`` with the
+server's answer, so one bad record cannot wedge the queue. NumPy arrays (images) travel as ``.npy`` files beside
+the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+JOURNAL = "tracking_spool.jsonl"
+CURSOR = "tracking_spool.delivered"
+REJECTED = "tracking_spool.rejected.jsonl"
+ARRAYS = "tracking_spool_arrays"
+FLUSH_SECONDS = 15.0  # the longest a run's end waits for an unreachable server
+MAX_BACKOFF = 30.0
+# MLflow error codes that mean "this request is wrong" rather than "the server is away".
+REFUSALS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS"}
+
+
+def is_outage(error: BaseException) -> bool:
+    """True when ``error`` says the store is unreachable or busy (retry later), False when it refused the call."""
+    code = getattr(error, "error_code", None)
+    if code is not None:
+        return code not in REFUSALS
+    if isinstance(error, FileNotFoundError):
+        return False
+    library = type(error).__module__.split(".")[0]
+    return isinstance(error, OSError) or library in ("requests", "urllib3", "sqlalchemy")
+
+
+def read_journal(path: Path) -> list[dict]:
+    """The journal's records; a torn last line (a kill -9 mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+class Spool:
+    """Journal every tracker call in ``run_dir`` and deliver it to ``sink`` (a Tracker) from a background thread.
+
+    Args:
+        sink: the object whose methods are called on delivery (``Tracker``); must have ``uri`` and ``run_id``.
+        run_dir: the run directory holding the journal.
+        quiet_http: a context manager factory under which deliveries run (fail fast instead of MLflow's retries).
+    """
+
+    def __init__(self, sink: Any, run_dir: str | Path, quiet_http=None):
+        self.sink, self.uri, self.run_id = sink, sink.uri, sink.run_id
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._journal_path = self.dir / JOURNAL
+        self._records = read_journal(self._journal_path)
+        self._journal_path.write_text("".join(json.dumps(r) + "\n" for r in self._records))  # drop a torn tail
+        cursor = self.dir / CURSOR
+        self._delivered = int(cursor.read_text()) if cursor.is_file() else 0
+        self._seen = {(k, r["args"][1]) for r in self._records if r["op"] == "log_metrics" for k in r["args"][0]}
+        self._quiet_http = quiet_http
+        self._wake = threading.Condition()
+        self._closing = False
+        self.outage_since: float | None = None
+        self._journal = open(self._journal_path, "a")  # noqa: SIM115 - held open for the run's life
+        self._thread = threading.Thread(target=self._deliver_forever, name="clipzss-mlflow-spool", daemon=True)
+        self._thread.start()
+
+    # ---- the training side: append, never wait ----------------------------------------------------------------
+    def __getattr__(self, op: str):
+        if op.startswith("_"):
+            raise AttributeError(op)
+        return lambda *args, **kwargs: self._append(op, list(args), kwargs)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Journal the (key, step) pairs not journalled before, stamped now."""
+        fresh = {k: float(v) for k, v in metrics.items() if (k, step) not in self._seen and np.isfinite(v)}
+        if fresh:
+            self._seen.update((k, step) for k in fresh)
+            self._append("log_metrics", [fresh, step], {"timestamp_ms": int(time.time() * 1000)})
+
+    def pending(self) -> int:
+        with self._wake:
+            return len(self._records) - self._delivered
+
+    def _append(self, op: str, args: list, kwargs: dict) -> None:
+        record = {"op": op, "args": [self._encode(a) for a in args], "kwargs": kwargs}
+        try:
+            line = json.dumps(record)
+        except TypeError as e:
+            raise TypeError(f"tracker call {op}: arguments cannot be journalled ({e})") from e
+        with self._wake:
+            self._journal.write(line + "\n")
+            self._journal.flush()
+            self._records.append(record)
+            self._wake.notify()
+
+    def _encode(self, value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            folder = self.dir / ARRAYS
+            folder.mkdir(exist_ok=True)
+            path = folder / f"{len(self._records)}_{time.monotonic_ns()}.npy"
+            np.save(path, value)
+            return {"__ndarray__": str(path)}
+        return str(value) if isinstance(value, Path) else value
+
+    # ---- the delivery side ---------------------------------------------------------------------------------------
+    def close(self, wait: float | None = None) -> int:
+        """Stop after delivering what can be delivered within ``wait`` seconds (default :data:`FLUSH_SECONDS`);
+        returns the number of records left waiting in the journal."""
+        deadline = time.monotonic() + (FLUSH_SECONDS if wait is None else wait)
+        with self._wake:
+            while self._delivered < len(self._records) and time.monotonic() < deadline:
+                self._wake.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+            self._closing = True
+            self._wake.notify_all()
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 6)
+        self._journal.close()
+        left = self.pending()
+        if left:
+            print(
+                f"MLflow at {self.uri} did not answer: {left} tracking record(s) wait in {self._journal_path}; "
+                "they are delivered when this run is resumed (--resume)."
+            )
+        return left
+
+    def _deliver_forever(self) -> None:
+        backoff = 1.0
+        while True:
+            with self._wake:
+                while self._delivered >= len(self._records) and not self._closing:
+                    self._wake.wait()
+                if self._closing and (self._delivered >= len(self._records) or self.outage_since is not None):
+                    return
+                record = self._records[self._delivered]
+                superseded = record["op"] == "finish" and self._delivered + 1 < len(self._records)
+            if superseded or self._deliver(record):  # a run resumed after its end: its old status is void
+                backoff = 1.0
+                with self._wake:
+                    self._delivered += 1
+                    _write_atomic(self.dir / CURSOR, str(self._delivered))
+                    self._wake.notify_all()
+            else:
+                with self._wake:
+                    self._wake.wait(backoff)
+                backoff = min(2 * backoff, MAX_BACKOFF)
+
+    def _deliver(self, record: dict) -> bool:
+        """Deliver one record; False if the store is away (retry later). A refusal is set aside, not retried."""
+        args = [np.load(a["__ndarray__"]) if isinstance(a, dict) and "__ndarray__" in a else a for a in record["args"]]
+        try:
+            if self._quiet_http is not None:
+                with self._quiet_http():
+                    getattr(self.sink, record["op"])(*args, **record["kwargs"])
+            else:
+                getattr(self.sink, record["op"])(*args, **record["kwargs"])
+        except Exception as e:  # noqa: BLE001 - sorted into outage / refusal just below
+            if is_outage(e):
+                if self.outage_since is None:
+                    self.outage_since = time.monotonic()
+                    print(f"MLflow at {self.uri} is unreachable ({type(e).__name__}); training goes on, "
+                          f"tracking calls wait in {self._journal_path}")  # fmt: skip
+                return False
+            with open(self.dir / REJECTED, "a") as f:
+                f.write(json.dumps({**record, "error": f"{type(e).__name__}: {e}"}) + "\n")
+            print(f"MLflow refused {record['op']} ({e}); the call is kept in {self.dir / REJECTED}")
+        if self.outage_since is not None:
+            print(f"MLflow at {self.uri} answers again after {time.monotonic() - self.outage_since:.0f} s")
+            self.outage_since = None
+        for a in record["args"]:
+            if isinstance(a, dict) and "__ndarray__" in a:
+                Path(a["__ndarray__"]).unlink(missing_ok=True)
+        return True
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def pending_records(run_dir: str | Path) -> int:
+    """How many journalled records of ``run_dir`` are not yet delivered."""
+    folder = Path(run_dir)
+    cursor = folder / CURSOR
+    return len(read_journal(folder / JOURNAL)) - (int(cursor.read_text()) if cursor.is_file() else 0)
+
+
+def set_aside(run_dir: str | Path) -> Path | None:
+    """Move a previous run's journal out of the way (a fresh run in the same folder starts a new MLflow run).
+
+    Returns:
+        Where its undelivered records were kept (``tracking_spool.<time>.jsonl``), or None if all were delivered.
+    """
+    folder = Path(run_dir)
+    journal, cursor = folder / JOURNAL, folder / CURSOR
+    kept = None
+    if pending_records(folder) > 0:
+        kept = folder / f"tracking_spool.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        os.replace(journal, kept)
+    journal.unlink(missing_ok=True)
+    cursor.unlink(missing_ok=True)
+    return kept
