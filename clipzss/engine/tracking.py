@@ -163,10 +163,8 @@ class Tracker:
                 ) from e
         id_file = self.output_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else ""
-        self._logged: dict[str, int] | None = None  # continued run: last step already logged per metric
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
-            self._logged = {}
         else:
             run_tags = {**source_tags(), **(tags or {})}
             if description:
@@ -208,22 +206,12 @@ class Tracker:
         for start in range(0, len(fresh), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=fresh[start : start + 100])
 
-    def _already_logged(self, key: str, step: int) -> bool:
-        """A continued run resumed from a checkpoint older than its last logged step: that step is not logged twice
-        (exact resume recomputes the same values)."""
-        if self._logged is None:
-            return False
-        if key not in self._logged:
-            self._logged[key] = max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
-        return step <= self._logged[key]
-
     def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         """``timestamp_ms``: when the values were produced (a spooled redelivery keeps it, so MLflow dedups it)."""
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
-        rows = [Metric(k, rounded(v), stamp, step) for k, v in metrics.items()
-                if np.isfinite(v) and not self._already_logged(k, step)]  # fmt: skip
+        rows = [Metric(k, rounded(v), stamp, step) for k, v in metrics.items() if np.isfinite(v)]
         if rows:
             self.client.log_batch(self.run_id, metrics=rows)
 

@@ -1,10 +1,8 @@
 """The Tune function trainable: one real ``train()`` per trial, in the trial's own folder and MLflow child run.
 
-Three hazards of Ray 2.60 are handled here, where a trial starts and ends:
+Two hazards of Ray 2.60 are handled here, where a trial starts (a trial that the scheduler (ASHA) stops, with
+``SystemExit(0)`` raised inside ``tune.report``, is closed KILLED and tagged with its step by ``train()`` itself):
 
-- A trial that the scheduler (ASHA) stops ends with ``SystemExit(0)`` raised inside ``tune.report``. ``train()``
-  closes its run FAILED on any exception; the run is re-marked KILLED with a tag naming the step it stopped at
-  (its metrics up to that evaluation are kept).
 - A restarted trial (worker lost, or the sweep resumed after its driver died) is handed the checkpoint named in
   the last experiment snapshot, which can lag what was written; it resumes from the highest step found in the
   trial's storage instead, so no step is trained (or logged) twice.
@@ -26,7 +24,6 @@ from clipzss.engine.tracking import RUN_ID_FILE
 from clipzss.sweep.space import sample_overrides
 
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
-STOPPED_TAG = "clipzss.stopped_early_at_step"
 
 
 def _tune_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
@@ -64,14 +61,14 @@ def restore_latest_checkpoint(output_dir: Path) -> Path | None:
     return target
 
 
-def reattach_mlflow_run(cfg: Config, output_dir: Path, resumable: bool) -> None:
-    """A trial restarted in a fresh folder continues its own MLflow run (found by parent and run name). A restart
-    with no checkpoint to continue from trains from step 0 in a new run, so its earlier attempts' runs are deleted:
-    one run per trial, each step logged once."""
+def reattach_mlflow_run(cfg: Config, output_dir: Path) -> None:
+    """A restarted trial keeps exactly one MLflow run (found by parent and run name): with a checkpoint to resume,
+    it continues that run (also from a fresh folder on another node); with none, ``train()`` starts a new run, so
+    the earlier runs of this trial (no checkpointed progress) are deleted, tagged why (MLflow keeps them in its
+    trash)."""
     from mlflow.tracking import MlflowClient
 
-    id_file = output_dir / RUN_ID_FILE
-    if (resumable and id_file.exists()) or not cfg.tracking.enabled or not cfg.tracking.parent_run_id:
+    if not cfg.tracking.enabled or not cfg.tracking.parent_run_id:
         return
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -80,27 +77,13 @@ def reattach_mlflow_run(cfg: Config, output_dir: Path, resumable: bool) -> None:
     t = cfg.tracking
     query = f"tags.mlflow.parentRunId = '{t.parent_run_id}' and tags.`mlflow.runName` = '{t.run_name}'"
     runs = client.search_runs([experiment.experiment_id], query)
-    if not resumable:
-        for run in runs:
-            client.delete_run(run.info.run_id)
-        return
-    if runs:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(runs[0].info.run_id)
-
-
-def mark_stopped(cfg: Config, output_dir: Path, step: int) -> None:
-    """The run of a trial the scheduler stopped: KILLED (not FAILED), tagged with the step it stopped at."""
-    from mlflow.tracking import MlflowClient
-
     id_file = output_dir / RUN_ID_FILE
-    if not cfg.tracking.enabled or not id_file.exists():
-        return
-    client = MlflowClient(tracking_uri=cfg.tracking.uri)
-    run_id = id_file.read_text().strip()
-    client.set_tag(run_id, STOPPED_TAG, str(step))
-    client.set_tag(run_id, "clipzss.stopped", f"stopped early by the sweep's scheduler (ASHA) at step {step}")
-    client.set_terminated(run_id, status="KILLED")
+    if latest_checkpoint(output_dir) is None:
+        for run in runs:
+            client.set_tag(run.info.run_id, "clipzss.stopped", "its trial restarted from scratch in a new run")
+            client.delete_run(run.info.run_id)
+    elif runs and not id_file.exists():
+        id_file.write_text(runs[0].info.run_id)
 
 
 def trial_config(sample: dict[str, Any], config: str | None, fixed: list[str], parent_run_id: str) -> Config:
@@ -138,28 +121,20 @@ def run_trial(
     cfg = trial_config(sample, config, fixed, cell_runs[cell_key(sample)] if cell_runs else parent_run_id)
     output_dir = Path(cfg.run.output_dir)
     restore_latest_checkpoint(output_dir)
-    resumable = latest_checkpoint(output_dir) is not None
-    reattach_mlflow_run(cfg, output_dir, resumable)
+    reattach_mlflow_run(cfg, output_dir)
 
     final: list[tuple[dict[str, float], Path | None]] = []
-    last_step = [0]
 
     def report(metrics: dict[str, float], checkpoint: Path | None) -> None:
         # The last evaluation is held back until train() returns: ASHA answers a result at max_t with STOP, which
         # would end the trial before it exports model.pt and closes its MLflow run.
-        last_step[0] = int(metrics["step"])
         if metrics["step"] >= cfg.optim.max_iters:
             final.append((metrics, checkpoint))
         else:
             _tune_report(metrics, checkpoint)
 
-    try:
-        train(cfg, report=report, resume=resumable)  # the folder is this trial's own: continue what it holds
-    except SystemExit as stop:  # Ray 2.60: the scheduler stopped this trial (sys.exit(0) inside tune.report)
-        if stop.code not in (0, None):
-            raise
-        mark_stopped(cfg, output_dir, last_step[0])
-        raise
+    # The folder is this trial's own: continue whatever it holds (never a sibling folder, never a second run).
+    train(cfg, report=report, resume=latest_checkpoint(output_dir) is not None)
     for metrics, checkpoint in final:
         if measure_cost:
             from clipzss.sweep.cost import student_cost
