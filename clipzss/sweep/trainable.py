@@ -147,7 +147,8 @@ def run_trial(
             _tune_report(metrics, checkpoint)
 
     try:
-        train(cfg, report=report, resume=True)  # the folder is this trial's own: continue whatever it holds
+        # the folder is this trial's own: continue whatever it holds (main's train() refuses resume=True on nothing)
+        train(cfg, report=report, resume=latest_checkpoint(output_dir) is not None)
     except SystemExit as stop:  # Ray 2.60: the scheduler stopped this trial (sys.exit(0) inside tune.report)
         if stop.code not in (0, None):
             raise
