@@ -65,7 +65,8 @@ def restore_latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def reattach_mlflow_run(cfg: Config, output_dir: Path) -> None:
-    """A trial restarted in a fresh folder continues its own MLflow run (found by parent and run name)."""
+    """A trial restarted in a fresh folder continues its own MLflow run (found by parent and run name); restarted
+    before any checkpoint, it starts over, and the earlier attempt's run is deleted (one run per trial)."""
     from mlflow.tracking import MlflowClient
 
     id_file = output_dir / RUN_ID_FILE
@@ -78,6 +79,10 @@ def reattach_mlflow_run(cfg: Config, output_dir: Path) -> None:
     t = cfg.tracking
     query = f"tags.mlflow.parentRunId = '{t.parent_run_id}' and tags.`mlflow.runName` = '{t.run_name}'"
     runs = client.search_runs([experiment.experiment_id], query)
+    if latest_checkpoint(output_dir) is None:  # nothing to continue: train() opens the trial's one run afresh
+        for run in runs:
+            client.delete_run(run.info.run_id)
+        return
     if runs:
         output_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(runs[0].info.run_id)
