@@ -40,11 +40,13 @@ def _home_fingerprint() -> dict[str, str]:
 def _check_sweep_in_mlflow(db: Path) -> None:
     from mlflow.tracking import MlflowClient
 
+    from clipzss.sweep.summary import column
+
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     experiment = client.get_experiment_by_name("clipzss")
     assert experiment is not None, f"no 'clipzss' experiment in {db}"
     runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.info.run_name.startswith("sweep ")]
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1, [r.info.run_name for r in runs]
     parent = parents[0]
     assert parent.info.status == "FINISHED"
@@ -54,7 +56,7 @@ def _check_sweep_in_mlflow(db: Path) -> None:
     artifacts = [a.path for a in client.list_artifacts(parent.info.run_id)]
     assert "trials.json" in artifacts, artifacts
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json", str(db.parent))).read_text())
-    assert {"student.arch", "val/hIoU"} <= set(table["columns"]) and len(table["data"]) == 2, table
+    assert {column("student.arch"), column("val/hIoU")} <= set(table["columns"]) and len(table["data"]) == 2, table
 
 
 def test_ray_up_submit_down_on_the_local_cluster(head):
@@ -72,4 +74,4 @@ def test_ray_up_submit_down_on_the_local_cluster(head):
     left = head.leftovers()
     assert left == [], f"`ray down` left processes behind: {left}"
     assert _home_fingerprint() == before, "the launcher changed the user's home"
-    assert up <= 180 and submit <= 180, (up, submit)  # targets are 2 min each on a warm machine; CI is shared
+    assert up <= 240 and submit <= 240, (up, submit)  # targets: 2 min each on a warm, idle machine (no install)
