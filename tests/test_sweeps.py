@@ -110,3 +110,17 @@ def test_smoke_sweep_two_trials_nested_in_mlflow(assets, tmp_path):
     assert {"trials.json", "best_config.yaml", "optuna"} <= artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
     assert {"optuna/optimization_history.png", "optuna/parallel_coordinate.png"} <= plots
+
+
+def test_a_sweep_joined_with_address_hands_the_clusters_mlflow_server_to_its_trials(monkeypatch, tmp_path):
+    from clipzss.sweep import endpoints, runner
+    from clipzss.sweep.options import SweepOptions
+
+    joined = []
+    monkeypatch.setattr(runner, "_connect", lambda opts: joined.append(opts.address) or True)
+    monkeypatch.setattr(endpoints, "cluster_tracking_uri", lambda: "http://10.0.0.5:5000")
+    opts = SweepOptions(address="auto", storage=str(tmp_path), overrides=["tracking.enabled=false"])
+    sweep = runner.prepare(opts, "backbones")
+    assert joined == ["auto"] and "tracking.uri=http://10.0.0.5:5000" in sweep.fixed
+    local = runner.prepare(SweepOptions(storage=str(tmp_path), overrides=["tracking.enabled=false"]), "backbones")
+    assert any(o.startswith("tracking.uri=sqlite:///") for o in local.fixed) and joined == ["auto"]

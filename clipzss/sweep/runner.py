@@ -62,7 +62,7 @@ def prepare(opts: SweepOptions, kind: str) -> Sweep:
     config = str(preset_path(opts.config).resolve()) if opts.config else None
     smoke = list(SMOKE_OVERRIDES) if opts.smoke else []
     base = load_config(config, [*smoke, *opts.overrides])
-    uri = base.tracking.uri or default_uri()
+    uri = base.tracking.uri or _cluster_uri(opts) or default_uri()
     fixed = [*smoke, *opts.overrides, *_absolute_paths(base), f"tracking.uri={uri}"]
     base = load_config(config, fixed)
 
@@ -75,6 +75,17 @@ def prepare(opts: SweepOptions, kind: str) -> Sweep:
         if opts.resume:
             parent.set_tags({"clipzss.resumed": time.strftime("%Y-%m-%d %H:%M:%S")})
     return Sweep(name, experiment, local_dir, config, base, fixed, parent)
+
+
+def _cluster_uri(opts: SweepOptions) -> str | None:
+    """With ``--address``: the MLflow server the cluster's head publishes (``clipzss.sweep.endpoints``), so trials on
+    every node log to it; None on one machine or on a cluster without one."""
+    if not opts.address:
+        return None
+    from clipzss.sweep.endpoints import cluster_tracking_uri
+
+    _connect(opts)
+    return cluster_tracking_uri()
 
 
 def _connect(opts: SweepOptions) -> bool:
