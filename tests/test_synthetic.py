@@ -126,4 +126,5 @@ def test_materialized_world_reads_through_the_dataset_loader(tmp_path):
     assert np.array_equal(sample["label"].numpy(), expected)
     for i in range(4):
         seen_label = train[i]["label"]
-        assert (seen_label[seen_label != IGNORE_INDEX] < len(split.seen)).all()  # unseen pixels became 255
+        labelled = seen_label[seen_label < IGNORE_INDEX]  # 255 = ignore, 256 = crop padding
+        assert (labelled < len(split.seen)).all() and (seen_label <= 256).all()  # unseen pixels became 255
