@@ -9,7 +9,8 @@ Arms (each one config delta on the ``synthetic`` preset, each over several seeds
                 same seen/unseen partition as the others
 
 The table (mean +- std over seeds) is printed, written to ``<out>/ablation.md`` (and plotted to ``ablation.png``) and
-logged to MLflow on a parent run whose children are the individual training runs.
+logged to MLflow on a new parent run per invocation whose children are the individual training runs (param ``arm``).
+Runs can train several at a time in subprocesses (``jobs``), e.g. on a many-core GPU machine.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clipzss.config import load_config
-from clipzss.engine.tracking import Tracker
+from clipzss.config import Config, load_config
+from clipzss.engine.tracking import RUN_ID_FILE, Tracker
+from clipzss.train import prepare_data_root, train
 
 ARMS: dict[str, list[str]] = {
     "baseline": ["glm.weight=0", "plm.enabled=false"],
@@ -30,6 +32,7 @@ ARMS: dict[str, list[str]] = {
     "supervised": ["data.split=all", "data.eval_split=default", "glm.weight=0", "plm.enabled=false"],
 }
 METRICS = ("pAcc", "mIoU_S", "mIoU_U", "hIoU")
+PARENT_DIR = "_parent"  # holds the id of the latest parent run (replaced by every invocation)
 QUICK = [
     "optim.max_iters=4",
     "optim.warmup_iters=1",
@@ -85,37 +88,95 @@ def plot_table(table: dict[str, list], path: Path) -> Path:
     return path
 
 
+def _jobs(arms: list[str], seeds: int, root: Path, quick: bool, overrides: list[str], parent_id: str):
+    """One (arm, seed, output folder, overrides) per training run, in table order."""
+    for arm in arms:
+        for seed in range(seeds):
+            out = root / arm.replace("+", "plus_") / f"seed{seed}"
+            run_overrides = (
+                ARMS[arm]
+                + (QUICK if quick else [])
+                + list(overrides)
+                + [f"run.seed={seed}", f"run.output_dir={out}", f"tracking.run_name={arm} seed={seed}"]
+                + ([f"tracking.parent_run_id={parent_id}"] if parent_id else [])
+            )
+            yield arm, seed, out, run_overrides
+
+
+def train_job(overrides: list[str], threads: int = 0) -> dict[str, float]:
+    """One arm x seed: a real ``train()`` on the synthetic preset (in a worker process when ``threads`` > 0)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return train(load_config("synthetic", overrides))
+
+
+def _train_all(jobs: list[tuple], workers: int) -> list[dict[str, float]]:
+    """Run every job, ``workers`` at a time in spawned subprocesses (each with its share of the CPU threads)."""
+    if workers <= 1:
+        results = []
+        for arm, seed, _, overrides in jobs:
+            print(f"\n=== ablation: {arm}, seed {seed} ===")
+            results.append(train_job(overrides))
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    # Each run gets its share of this process's CPU threads (the result equals a sequential run at that count).
+    threads = max(1, torch.get_num_threads() // workers)
+    print(f"ablation: {len(jobs)} runs, {workers} at a time ({threads} CPU threads each)")
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(train_job, overrides, threads) for *_, overrides in jobs]
+        results = []
+        for (arm, seed, *_), future in zip(jobs, futures, strict=True):
+            results.append(future.result())
+            print(f"ablation: {arm}, seed {seed} done ({len(results)}/{len(jobs)})")
+        return results
+
+
 def run_ablation(
-    seeds: int = 3, output_root: str = "runs/ablation", quick: bool = False, overrides: list[str] | tuple = ()
+    seeds: int = 3,
+    output_root: str = "runs/ablation",
+    quick: bool = False,
+    overrides: list[str] | tuple = (),
+    arms: list[str] | tuple = tuple(ARMS),
+    jobs: int = 1,
 ) -> dict[str, list]:
     """Train every arm for ``seeds`` seeds on the synthetic world; returns the summary table.
+
+    Each call is a new MLflow parent run (its params: seeds, arms, overrides, steps) whose children are the training
+    runs, each with the param ``arm`` so that MLflow's charts compare arms side by side; the parent holds the table.
 
     Args:
         seeds: seeds per arm (0 .. seeds-1).
         output_root: one sub-folder per arm and seed; an existing folder is replaced (each run starts fresh).
         quick: CI-sized runs that check the mechanics, not the method.
         overrides: ``key=value`` applied to every arm (after the arm's own delta).
+        arms: which of :data:`ARMS` to train (all by default).
+        jobs: how many arm x seed runs train at once, in subprocesses (results identical to one at a time).
     """
-    from clipzss.train import train
-
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown ablation arms {unknown}; choose from {list(ARMS)}")
     root = Path(output_root)
-    base = load_config("synthetic", [f"run.output_dir={root}"] + list(overrides))
-    parent = Tracker(base.tracking, root / "_table", run_name="ablation") if base.tracking.enabled else None
-    results: dict[str, list[dict[str, float]]] = {}
-    for arm, delta in ARMS.items():
-        results[arm] = []
-        for seed in range(seeds):
-            out = root / arm.replace("+", "plus_") / f"seed{seed}"
-            shutil.rmtree(out, ignore_errors=True)
-            run_overrides = (
-                delta
-                + (QUICK if quick else [])
-                + list(overrides)
-                + [f"run.seed={seed}", f"run.output_dir={out}", f"tracking.run_name=ablation {arm} seed{seed}"]
-                + ([f"tracking.parent_run_id={parent.run_id}"] if parent else [])
-            )
-            print(f"\n=== ablation: {arm}, seed {seed} ===")
-            results[arm].append(train(load_config("synthetic", run_overrides)))
+    base = load_config("synthetic", [f"run.output_dir={root}"] + (QUICK if quick else []) + list(overrides))
+    parent = _parent_run(base, root, seeds, list(arms), list(overrides), jobs) if base.tracking.enabled else None
+    planned = list(_jobs(list(arms), seeds, root, quick, list(overrides), parent.run_id if parent else ""))
+    for *_, out, _ in planned:
+        shutil.rmtree(out, ignore_errors=True)
+    prepare_data_root(base)  # once, here: parallel jobs would each start generating the world
+    results: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
+    try:
+        finals = _train_all(planned, jobs)
+    except BaseException as e:
+        if parent:
+            parent.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    for (arm, *_), final in zip(planned, finals, strict=True):
+        results[arm].append(final)
     table = summarise(results)
     text = format_markdown(table)
     root.mkdir(parents=True, exist_ok=True)
@@ -123,11 +184,33 @@ def run_ablation(
     figure = plot_table(table, root / "ablation.png")
     print("\n" + text)
     if parent:
+        for arm, _, out, _ in planned:  # the arm as a param: MLflow groups and compares runs by it
+            parent.client.log_param((out / RUN_ID_FILE).read_text().strip(), "arm", arm)
         parent.log_table(table, "ablation.json")
         parent.log_artifact(root / "ablation.md")
         parent.log_artifact(figure)
-        for i, arm in enumerate(table["arm"]):
-            key = arm.replace("+", "plus_")
-            parent.log_metrics({f"{key}/{m}": table[f"{m}_mean"][i] for m in METRICS}, step=0)
         parent.finish()
     return table
+
+
+def _parent_run(base: Config, root: Path, seeds: int, arms: list[str], overrides: list[str], jobs: int) -> Tracker:
+    """A new MLflow run for this invocation (never the previous one), with what it was asked to do."""
+    shutil.rmtree(root / PARENT_DIR, ignore_errors=True)
+    name = f"ablation {seeds} seed{'s' if seeds > 1 else ''}" + "".join(f" {o}" for o in overrides)
+    description = (
+        f"`clipzss ablate`: arms {', '.join(arms)} on the synthetic world, {seeds} seeds each, "
+        f"{base.optim.max_iters} steps per run. Children: one training run per arm and seed (param `arm`); "
+        "table: `ablation.json` / `ablation.md` (mean ± std over seeds)."
+    )
+    parent = Tracker(base.tracking, root / PARENT_DIR, run_name=name, description=description)
+    parent.log_params(
+        {
+            "seeds": seeds,
+            "arms": arms,
+            "overrides": overrides,
+            "steps": base.optim.max_iters,
+            "jobs": jobs,
+            "output_root": str(root),
+        }
+    )
+    return parent

@@ -4,10 +4,11 @@ clipzss train [CONFIG] [key=value ...] [--resume]      train (same as accelerate
 clipzss prepare DATASET --root DIR                     download + convert a dataset (or generate 'synthetic')
 clipzss validate DATASET --root DIR                    report every problem in a dataset root at once
 clipzss eval --checkpoint CKPT [DATASET --root DIR]    zero-shot / cross-dataset evaluation
-clipzss segment IMAGE... --checkpoint CKPT --classes "cat,grass,sky"
+clipzss segment IMAGE... --checkpoint CKPT | --model runs:/RUN/student --classes "cat,grass,sky"
 clipzss export --checkpoint CKPT --classes "a,b" --out DIR   ONNX model + vocabulary + loader (student only)
 clipzss ablate [--seeds 3]                             the synthetic ablation benchmark (table -> MLflow)
 clipzss bench                                          speed figures (K-Means, training step, inference)
+clipzss reliability [--out DIR]                        replay crashes, outages, races and bad input: fault -> outcome
 clipzss sync RUN_DIR                                   deliver a run's spooled MLflow records (after an outage)
 clipzss pretrain-teacher --out DIR                     regenerate the synthetic world's tiny CLIP teacher
 """
@@ -15,7 +16,11 @@ clipzss pretrain-teacher --out DIR                     regenerate the synthetic 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from clipzss.bench import add_arguments as add_bench_arguments
+from clipzss.bench import run_from_args as bench_from_args
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -69,7 +74,15 @@ def _eval(args: argparse.Namespace) -> int:
 def _segment(args: argparse.Namespace) -> int:
     from clipzss.engine.segmenter import OpenVocabSegmenter
 
-    segmenter = OpenVocabSegmenter.from_checkpoint(args.checkpoint)
+    if args.model:
+        import mlflow
+
+        from clipzss.engine.tracking import default_uri
+
+        mlflow.set_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri())
+        segmenter = OpenVocabSegmenter.from_mlflow(args.model)
+    else:
+        segmenter = OpenVocabSegmenter.from_checkpoint(args.checkpoint)
     segmenter.set_vocabulary(args.classes.split(","))
     for image in args.images:
         print(segmenter.segment_file(image, args.out))
@@ -84,17 +97,18 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from clipzss.ablation import run_ablation
+    from clipzss.ablation import ARMS, run_ablation
 
-    run_ablation(seeds=args.seeds, output_root=args.out, quick=args.quick, overrides=args.set or [])
+    arms = args.arms.split(",") if args.arms else list(ARMS)
+    run_ablation(args.seeds, args.out, args.quick, args.set or [], arms, args.jobs)
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from clipzss.bench import run_benchmarks
+def _reliability(args: argparse.Namespace) -> int:
+    from clipzss.reliability import run_reliability
 
-    run_benchmarks(quick=args.quick)
-    return 0
+    outcomes = run_reliability(args.out)
+    return 0 if all(o.survived and o.lost == 0 for o in outcomes) else 1
 
 
 def _sync(args: argparse.Namespace) -> int:
@@ -140,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment images with any vocabulary (student only)")
     p.add_argument("images", nargs="+")
-    p.add_argument("--checkpoint", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="an exported model.pt or a training checkpoint")
+    source.add_argument("--model", help="an MLflow model URI logged by training, e.g. runs:/<run id>/student")
+    p.add_argument("--tracking-uri", help="MLflow store of --model (default: sqlite:///$PWD/mlflow.db)")
     p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,grass,sky"')
     p.add_argument("--out", default="segmentations")
     p.set_defaults(func=_segment)
@@ -156,11 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--quick", action="store_true", help="CI-sized: a few steps per arm, checks the mechanics")
     p.add_argument("--set", nargs="*", help="overrides applied to every arm")
+    p.add_argument("--arms", help="comma-separated subset of: baseline,+GLM,+PLM,full,supervised (default: all)")
+    p.add_argument("--jobs", type=int, default=1, help="train this many arm x seed runs at once (subprocesses)")
     p.set_defaults(func=_ablate)
 
-    p = sub.add_parser("bench", help="print speed figures measured on this machine")
-    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    p.set_defaults(func=_bench)
+    p = sub.add_parser("bench", help="print speed figures measured on this machine (and log them to MLflow)")
+    add_bench_arguments(p)
+    p.set_defaults(func=bench_from_args)
+
+    p = sub.add_parser("reliability", help="replay faults against a real tiny training; print fault -> outcome")
+    p.add_argument("--out", help="workspace for the runs (default: a new temporary folder)")
+    p.set_defaults(func=_reliability)
 
     p = sub.add_parser("sync", help="deliver a run's spooled MLflow records once the server answers again")
     p.add_argument("run_dir")

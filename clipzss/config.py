@@ -175,6 +175,8 @@ class TrackingConfig:
     run_name: str = ""  # "" = derived from the output directory
     log_images: bool = True  # segmentation overlays and pseudo-label maps at each evaluation
     parent_run_id: str = ""  # nest this run under another MLflow run (the ablation table's run, a sweep's run)
+    system_metrics: bool = False  # MLflow's CPU/memory/GPU sampler (system/... metrics every 10 s)
+    description: str = ""  # the run's description in the MLflow UI ("" = one written from the config)
 
 
 @dataclass

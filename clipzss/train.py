@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -41,8 +42,18 @@ from clipzss.engine.resume import apply_optimizer_settings, resume_changes
 from clipzss.engine.run_lock import run_dir_lock
 from clipzss.engine.spool import Spool, pending_records, set_aside
 from clipzss.engine.stop import RunTerminated, StopRequest
-from clipzss.engine.tracking import RUN_ID_FILE, NullTracker, Tracker, quick_http
-from clipzss.engine.visualize import confusion_picture, prediction_panel, pseudo_label_panel
+from clipzss.engine.tracking import (
+    RUN_ID_FILE,
+    NullTracker,
+    Tracker,
+    eval_metrics,
+    log_datasets,
+    param_value,
+    quick_http,
+    run_description,
+    run_name,
+)
+from clipzss.engine.visualize import confusion_picture, plm_panel, prediction_panel
 from clipzss.method.objective import CLIPZSSObjective
 from clipzss.metrics import format_table
 from clipzss.models.students import build_student
@@ -137,10 +148,10 @@ def _check_finite(nonfinite: Tensor, step: int, losses: dict[str, Tensor], outpu
     )
 
 
-def _save_picture(picture: np.ndarray, path: Path, tracker, step: int) -> None:
+def _save_picture(picture: np.ndarray, path: Path, tracker) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture).save(path)
-    tracker.log_image(picture, path.stem.rsplit("_step", 1)[0], step)
+    tracker.log_artifact(path, "images")
 
 
 @dataclass
@@ -184,14 +195,14 @@ def train(cfg: Config, report: Report | None = None, resume: bool = False) -> di
         gradient_accumulation_steps=cfg.optim.grad_accum,
         cpu=cfg.run.device == "cpu",
     )
-    cfg, checkpoint = _choose_run_dir(cfg, resume, accelerator)
-    output_dir = Path(cfg.run.output_dir)
+    cfg, output_dir, checkpoint = _choose_run_dir(cfg, resume, accelerator)
     with run_dir_lock(output_dir) if accelerator.is_main_process else nullcontext(), StopRequest() as stop:
-        return _train_in(cfg, accelerator, checkpoint, report, stop)
+        return _train_in(cfg, accelerator, output_dir, checkpoint, report, stop)
 
 
-def _choose_run_dir(cfg: Config, resume: bool, accelerator) -> tuple[Config, Path | None]:
-    """The run folder (never overwrite a run: a fresh start beside one goes to ``<dir>_2``) and the checkpoint."""
+def _choose_run_dir(cfg: Config, resume: bool, accelerator) -> tuple[Config, Path, Path | None]:
+    """The config, the run folder (never overwrite a run: a fresh start beside one goes to ``<dir>_2``) and the
+    checkpoint to resume."""
     output_dir = Path(resolve_path(cfg.run.output_dir))
     checkpoint = latest_checkpoint(output_dir)
     if resume and checkpoint is None:
@@ -199,22 +210,23 @@ def _choose_run_dir(cfg: Config, resume: bool, accelerator) -> tuple[Config, Pat
             f"--resume: nothing to resume in {output_dir} (no checkpoints/step_*.pt there). "
             "Check run.output_dir, or drop --resume to start a new run."
         )
-    cfg = copy.deepcopy(cfg)
     if checkpoint is not None and not resume:
         taken, output_dir = output_dir, _fresh_sibling(output_dir)
+        cfg = copy.deepcopy(cfg)
+        cfg.run.output_dir = str(output_dir)
         checkpoint = None
         accelerator.print(
             f"{taken} already holds a run (pass --resume to continue it); this one writes to {output_dir}"
         )
-    cfg.run.output_dir = str(output_dir)
-    return cfg, checkpoint
+    return cfg, output_dir, checkpoint
 
 
-def _train_in(cfg: Config, accelerator, checkpoint: Path | None, report: Report | None, stop: StopRequest):
+def _train_in(cfg: Config, accelerator, output_dir: Path, checkpoint: Path | None, report: Report | None,
+              stop: StopRequest):  # fmt: skip
     """Build everything, restore ``checkpoint`` if any, and run the loop with tracking (inside the run-dir lock)."""
     from accelerate.utils import set_seed
 
-    device, output_dir = accelerator.device, Path(cfg.run.output_dir)
+    device = accelerator.device
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     changes = resume_changes(state["config"], cfg) if state is not None else {}
     if state is not None and state["step"] >= cfg.optim.max_iters:
@@ -257,6 +269,7 @@ def _train_in(cfg: Config, accelerator, checkpoint: Path | None, report: Report 
         save_config(cfg, output_dir / "config.yaml")
         if cfg.tracking.enabled:
             tracker = _open_tracking(cfg, output_dir, resumed=state is not None, changes=changes, start=start)
+            log_datasets(tracker, cfg, train_set, val_set)
     run = RunState(cfg, accelerator, teacher, model, optimizer, scheduler, train_set, val_set, eval_text, tracker,
                    output_dir, report, stop, start)  # fmt: skip
     try:
@@ -282,11 +295,12 @@ def _open_tracking(cfg: Config, output_dir: Path, resumed: bool, changes: dict, 
     tags = {"clipzss.dataset": cfg.data.dataset}
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-    spool = Spool(Tracker(cfg.tracking, output_dir, tags=tags), output_dir, quiet_http=quick_http)
+    tracker = Tracker(cfg.tracking, output_dir, run_name(cfg), tags, run_description(cfg))
+    spool = Spool(tracker, output_dir, quiet_http=quick_http, continuing=resumed)
     if resumed:  # MLflow never changes a logged param: a resume override is logged under its own name
         spool.log_params({f"{k}.from_step_{start}": str(new) for k, (_, new) in changes.items()})
     else:
-        spool.log_params({k: str(v) for k, v in flatten(cfg).items()})
+        spool.log_params({k: param_value(v) for k, v in flatten(cfg).items()})
     spool.log_dict(to_dict(cfg), "config.yaml")
     return spool
 
@@ -421,8 +435,8 @@ def _evaluate(run: RunState, batch: tuple) -> dict[str, float]:
     )
     run.last_eval = metrics
     final = {f"val/{k}": float(v) for k, v in metrics.items() if k in ("pAcc", "mIoU", "mIoU_S", "mIoU_U", "hIoU")}
+    run.tracker.log_metrics(eval_metrics(metrics, run.val_set.class_names), step)
     final["step"] = step
-    run.tracker.log_metrics(final, step)
     plm, val_set = unwrapped.objective.plm, run.val_set
     if accelerator.is_main_process and plm is not None and val_set.split.seen == tuple(run.train_set.class_names):
         diagnostics = plm_diagnostics(
@@ -433,18 +447,13 @@ def _evaluate(run: RunState, batch: tuple) -> dict[str, float]:
         images_dir, class_names = run.output_dir / "images", run.val_set.class_names
         for i, (image, target, pred) in enumerate(samples):
             panel = prediction_panel(image, target, pred, class_names, run.val_set.unseen_ids)
-            _save_picture(panel, images_dir / f"val_{i}_step{step}.png", run.tracker, step)
+            _save_picture(panel, images_dir / f"val_{i}_step{step}.png", run.tracker)
         if unwrapped.objective.plm is not None:
             images, labels, teacher_out = batch
-            fused = unwrapped.objective.pseudo_labels(teacher_out, labels)
             for i in range(min(2, len(images))):
-                panel = pseudo_label_panel(
-                    images[i].float().cpu().numpy(),
-                    labels[i].clamp(max=255).cpu().numpy(),  # crop padding (PAD_INDEX) shown as ignore
-                    fused[i].cpu().numpy(),
-                    len(run.train_set.class_names),
-                )
-                _save_picture(panel, images_dir / f"pseudo_{i}_step{step}.png", run.tracker, step)
+                image, label = images[i].float().cpu().numpy(), labels[i].cpu().numpy()
+                panel = plm_panel(image, label, teacher_out.dense[i], cfg.plm.kmeans, run.train_set.class_names)
+                _save_picture(panel, images_dir / f"pseudo_{i}_step{step}.png", run.tracker)
     return final
 
 
@@ -468,9 +477,10 @@ def _finish(run: RunState) -> None:
         {"alpha": float(unwrapped.objective.scales()[0]), "embed_dim": run.teacher.embed_dim},
     )
     tracker.log_artifact(bundle)
+    tracker.log_student(bundle)
     tracker.log_artifact(output_dir / "config.yaml")
     confusion = confusion_picture(run.last_eval["matrix"].numpy(), val_set.class_names, val_set.unseen_ids)
-    _save_picture(confusion, output_dir / "images" / f"confusion_step{run.step}.png", tracker, run.step)
+    _save_picture(confusion, output_dir / "images" / f"confusion_step{run.step}.png", tracker)
     table = format_table(run.last_eval, val_set.class_names, val_set.unseen_ids)
     (output_dir / "results.txt").write_text(table + "\n")
     tracker.log_artifact(output_dir / "results.txt")
@@ -537,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunTerminated as e:
         print(e, file=sys.stderr)
         return RunTerminated.exit_code
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): MLflow says KILLED; --resume continues from the last checkpoint", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 

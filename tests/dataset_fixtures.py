@@ -59,7 +59,7 @@ FIXTURE_LAYOUTS: dict[str, tuple[str, list[tuple[str, str, str, str | None]], st
         [("train", "images/train", "annotations/train", None), ("val", "images/val", "annotations/val", None)],
         ".png",
         ".png",
-        15,
+        25,
     ),
 }
 FIXTURE_LAYOUTS["context60"] = FIXTURE_LAYOUTS["context59"]

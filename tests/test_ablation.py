@@ -1,9 +1,14 @@
 """The CI-sized ablation benchmark: every arm trains on the synthetic world through the real entry point."""
 
+import json
+from pathlib import Path
+
 import numpy as np
+import torch
 from mlflow.tracking import MlflowClient
 
 from clipzss.ablation import ARMS, METRICS, format_markdown, run_ablation, summarise
+from clipzss.cli import main as cli
 
 
 def test_summarise_mean_and_std_over_seeds():
@@ -15,7 +20,13 @@ def test_summarise_mean_and_std_over_seeds():
     assert "20.0 ± 8.2" in format_markdown(table)
 
 
-def test_quick_ablation_runs_every_arm_and_logs_the_table(tmp_path):
+def _parents(client: MlflowClient):
+    experiment = client.get_experiment_by_name("clipzss").experiment_id
+    runs = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
+    return [r for r in runs if r.info.run_name.startswith("ablation")]
+
+
+def test_quick_ablation_in_parallel_logs_comparable_arms_and_a_new_parent_each_time(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [
         f"data.root={tmp_path / 'world'}",
@@ -25,19 +36,39 @@ def test_quick_ablation_runs_every_arm_and_logs_the_table(tmp_path):
         "data.num_workers=0",
         "run.progress=false",
     ]
-    table = run_ablation(seeds=1, output_root=str(tmp_path / "ablation"), quick=True, overrides=overrides)
+    out = str(tmp_path / "ablation")
+    table = run_ablation(seeds=1, output_root=out, quick=True, overrides=overrides, jobs=2)
     assert table["arm"] == list(ARMS)
     for metric in ("pAcc", "mIoU_S"):
         assert all(0 <= v <= 100 for v in table[f"{metric}_mean"])
     assert all(np.isfinite(table["mIoU_U_mean"]))  # every arm, the supervised one too, is scored on the same split
     assert (tmp_path / "ablation" / "ablation.md").read_text().count("\n") == 2 + len(ARMS)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each of the 2 jobs had: float sums depend on the thread count
+    try:
+        cli(["ablate", "--seeds", "1", "--out", out, "--quick", "--arms", "baseline,full", "--set", *overrides])
+    finally:
+        torch.set_num_threads(threads)
+    again = (tmp_path / "ablation" / "ablation.md").read_text().splitlines()[2:]
+    first = format_markdown(table).splitlines()[2:]
+    assert again == [first[0], first[3]]  # one at a time, the same numbers as 2 at a time in subprocesses
+
     client = MlflowClient(tracking_uri=uri)
-    parent = [r for r in client.search_runs(client.get_experiment_by_name("clipzss").experiment_id)
-              if r.info.run_name == "ablation"]  # fmt: skip
-    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    parents = _parents(client)
+    assert [p.info.status for p in parents] == ["FINISHED", "FINISHED"]  # a second ablate never reuses the first
+    assert parents[0].info.run_name == "ablation 1 seed " + " ".join(overrides)
+    params = parents[0].data.params
+    assert params["seeds"] == "1" and params["steps"] == "4" and params["jobs"] == "2"
+    assert params["arms"] == "[baseline, +GLM, +PLM, full, supervised]" and "data.batch_size=4" in params["overrides"]
+    assert parents[1].data.params["arms"] == "[baseline, full]"
     children = client.search_runs(
-        [parent[0].info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent[0].info.run_id}'"
+        [parents[0].info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"
     )
-    assert len(children) == len(ARMS) and all(c.info.status == "FINISHED" for c in children)
-    artifacts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    assert sorted(c.data.params["arm"] for c in children) == sorted(ARMS)
+    assert all(c.info.status == "FINISHED" and "val/hIoU" in c.data.metrics for c in children)
+    assert {c.info.run_name for c in children} == {f"{arm} seed=0" for arm in ARMS}
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert artifacts >= {"ablation.json", "ablation.md", "ablation.png"}
+    logged = client.download_artifacts(parents[0].info.run_id, "ablation.json", str(tmp_path))
+    assert "." not in "".join(json.loads(Path(logged).read_text())["columns"])  # dotted columns render blank

@@ -2,11 +2,12 @@
 
 import json
 
+import open_clip
 import pytest
 import torch
 from open_clip.modified_resnet import ModifiedResNet
 
-from clipzss.models.clip_factory import create_clip, resize_grid_pos_embed
+from clipzss.models.clip_factory import VocabularyTokenizer, create_clip, resize_grid_pos_embed
 
 TINY_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 3}
 
@@ -97,3 +98,37 @@ def test_resize_grid_pos_embed_keeps_class_token_and_identity():
     out = resize_grid_pos_embed(pos, (3, 5), "bilinear")
     assert out.shape == (1 + 15, 8)
     torch.testing.assert_close(out[0], pos[0])
+
+
+def test_vocabulary_restricts_the_text_tower_and_keeps_eot_pooling(tmp_path):
+    vocabulary = ["!", "a</w>", "photo</w>", "cat</w>", "<start_of_text>", "<end_of_text>"]  # BPE-id order
+    full = open_clip.get_tokenizer("", context_length=16)
+    assert [full.encoder[t] for t in vocabulary] == sorted(full.encoder[t] for t in vocabulary)
+    cfg = tiny_resnet_config()
+    cfg["text_cfg"] = {**TINY_TEXT, "vocab_size": len(vocabulary)}
+    cfg["clipzss"]["vocabulary"] = vocabulary
+    model, tokenizer, *_ = create_clip(write_json(tmp_path, cfg))
+    assert isinstance(tokenizer, VocabularyTokenizer)
+    assert model.token_embedding.weight.shape == (len(vocabulary), TINY_TEXT["width"])
+    tokens = tokenizer(["a photo a cat", "a dog"])  # "dog" is outside the vocabulary
+    assert tokens[0, :6].tolist() == [4, 1, 2, 1, 3, 5] and tokens[0, 6:].eq(0).all()
+    assert tokens[1, :4].tolist() == [4, 1, 0, 5]
+    assert (tokens.argmax(1) == torch.tensor([5, 3])).all()  # open_clip pools at the end-of-text token
+    assert model.encode_text(tokens).shape == (2, 128)
+
+
+@pytest.mark.parametrize(
+    "vocabulary, size, message",
+    [
+        (["!", "a</w>", "<start_of_text>", "<end_of_text>"], 5, "vocab_size is 5, but clipzss.vocabulary has 4"),
+        (["!", "zzqx</w>", "<start_of_text>", "<end_of_text>"], 4, "non-BPE tokens \\['zzqx</w>'\\]"),
+        (["a</w>", "!", "<start_of_text>", "<end_of_text>"], 4, "in BPE-id order"),
+        (["!", "a</w>", "<end_of_text>"], 3, "including"),
+    ],
+)
+def test_bad_vocabularies_name_the_problem(tmp_path, vocabulary, size, message):
+    cfg = tiny_resnet_config()
+    cfg["text_cfg"] = {**TINY_TEXT, "vocab_size": size}
+    cfg["clipzss"]["vocabulary"] = vocabulary
+    with pytest.raises(ValueError, match=message):
+        create_clip(write_json(tmp_path, cfg))

@@ -1,134 +1,112 @@
-"""The Ray Tune + Optuna sweep end to end on CPU: 2 tiny real trials, MLflow parent with nested children."""
+"""The TPE + ASHA backbone search through its entry script: search space, and 2 tiny real trials end to end on CPU
+with the MLflow parent, nested children, the trials table, Optuna's plots and the retrain command."""
 
+import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from sweep_fixtures import private_ray_env, ray_tmpdir, run_script
 from tiny_run import tiny_overrides
 
 from clipzss.config import load_config
 
+pytest.importorskip("ray")
 backbones = pytest.importorskip("sweeps.backbones")
+from clipzss.sweep import space  # noqa: E402
+from clipzss.sweep.summary import METRIC  # noqa: E402
+
+
+def test_smoke_defaults_and_explicit_flags():
+    opts = backbones.parse_args(["--smoke"])
+    assert (opts.samples, opts.max_concurrent, opts.cpus_per_trial, opts.gpus_per_trial) == (2, 2, 1.0, 0.0)
+    assert (opts.archs, opts.scales) == (space.SMOKE_ARCHS, space.SMOKE_SCALES)
+    opts = backbones.parse_args(["--archs", "swin_tiny,resnet50", "--scales", "8", "4,8", "--samples", "5"])
+    assert (opts.archs, opts.scales, opts.samples, opts.gpus_per_trial) == (
+        ("swin_tiny", "resnet50"),
+        ("8", "4,8"),
+        5,
+        1.0,
+    )
 
 
 def test_sampled_values_become_typed_overrides():
     sample = {"plm.kmeans.scales": "4,8,16", "optim.lr": 1.5e-05, "student.arch": "swin_tiny", "glm.weight": 0.0}
-    cfg = load_config("voc", backbones.sample_overrides(sample))
+    cfg = load_config("voc", space.sample_overrides(sample))
     assert cfg.plm.kmeans.scales == (4, 8, 16) and cfg.optim.lr == 1.5e-05
     assert cfg.student.arch == "swin_tiny" and cfg.glm.weight == 0.0
 
 
-@pytest.mark.parametrize(
-    ("archs", "scales"), [(backbones.ARCHS, backbones.SCALES), (backbones.SMOKE_ARCHS, backbones.SMOKE_SCALES)]
-)
+@pytest.mark.parametrize(("archs", "scales"), [(space.ARCHS, space.SCALES), (space.SMOKE_ARCHS, space.SMOKE_SCALES)])
 def test_every_corner_of_the_search_space_is_a_valid_config(archs, scales):
-    space = backbones.search_space(archs, scales)
-    assert {"student.arch", "plm.kmeans.scales", "optim.lr", "plm.kmeans.fuse_threshold", "glm.weight"} <= set(space)
-    corners = list(backbones.space_corners(space))
+    found = space.search_space(load_config("synthetic"), archs, scales)
+    assert {"student.arch", "plm.kmeans.scales", "optim.lr", "plm.kmeans.fuse_threshold", "glm.weight"} <= set(found)
+    corners = list(space.space_corners(found))
     assert len(corners) == len(archs) * len(scales) * 4 * 2**3  # glm.weight choices x 3 numeric ranges at 2 bounds
-    assert backbones.check_space("synthetic", [], space) == len(corners)
+    assert space.check_space("synthetic", [], found) == len(corners)
+
+
+@pytest.mark.parametrize("preset", ["synthetic", "voc"])
+def test_the_lr_range_is_centred_on_the_swept_preset(preset):
+    base = load_config(preset)
+    lr = space.search_space(base)["optim.lr"]
+    assert lr.lower < base.optim.lr < lr.upper and lr.upper / lr.lower == pytest.approx(space.LR_SPAN**2)
+
+
+def test_first_points_try_every_backbone_and_every_scale_set():
+    base = load_config("synthetic", ["glm.weight=0.3", "glm.tau=0.5"])
+    points = space.first_points(space.search_space(base), base, ("a", "b", "c"), ("2", "2,4"))
+    assert points[0]["optim.lr"] == base.optim.lr and points[0]["glm.weight"] == 0.0  # 0.3 is not a choice
+    assert points[0]["glm.tau"] == 0.2  # clamped into the range
+    assert [p["student.arch"] for p in points] == ["a", "b", "c"]
+    assert [p["plm.kmeans.scales"] for p in points] == ["2", "2,4", "2"]
 
 
 def test_a_bad_search_value_names_its_key():
+    base = load_config("synthetic")
     with pytest.raises(Exception, match="student.arch.*no_such_net"):
-        backbones.check_space("synthetic", [], backbones.search_space(("no_such_net",), ("8",)))
+        space.check_space("synthetic", [], space.search_space(base, ("no_such_net",), ("8",)))
     with pytest.raises(Exception, match="plm.kmeans.scales"):
-        backbones.check_space("synthetic", [], backbones.search_space(("segformer_b0",), ("4,x",)))
+        space.check_space("synthetic", [], space.search_space(base, ("segformer_b0",), ("4,x",)))
 
 
-def test_smoke_sweep_two_trials_nested_in_mlflow(assets, tmp_path, monkeypatch):
+def test_smoke_sweep_two_trials_nested_in_mlflow(assets, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
-    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    ray_tmp = ray_tmpdir()
     sets = [arg for item in tiny_overrides(assets, tmp_path / "unused") for arg in ("--set", item)]
-    opts = backbones.parse_args(["--smoke", "--config", "voc", "--storage", str(tmp_path / "ray"), "--name", "smoke",
-                                 *sets])  # fmt: skip
-    assert (opts.samples, opts.cpus_per_trial, opts.gpus_per_trial) == (2, 1.0, 0.0)
+    args = ["--smoke", "--config", "voc", "--storage", str(tmp_path / "ray"), "--name", "smoke", *sets]
     start = time.perf_counter()
-    summary = backbones.run_sweep(opts)
+    done = run_script("backbones.py", args, tmp_path, private_ray_env(ray_tmp))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     print(f"smoke sweep: {time.perf_counter() - start:.1f} s")
 
-    table = summary["table"]
-    assert table["status"] == ["TERMINATED", "TERMINATED"]
-    assert table["step"] == [4.0, 4.0] and all(0 <= v <= 100 for v in table["val/hIoU"])
-    assert set(table["student.arch"]) <= set(backbones.SMOKE_ARCHS)
-    keys = list(backbones.search_space())
-    for row in range(2):  # what was sampled is a valid config
-        load_config("voc", backbones.sample_overrides({k: table[k][row] for k in keys}))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,) = client.search_runs([client.get_experiment_by_name("clipzss").experiment_id],
+                                   "tags.`mlflow.runName` = 'backbones smoke'")  # fmt: skip
+    assert parent.info.status == "FINISHED" and f"best/{METRIC}" in parent.data.metrics
+    command = parent.data.tags["clipzss.retrain"]
+    assert command == "accelerate launch -m clipzss.train ray/smoke/best_config.yaml" and command in done.stdout
+    best = load_config(str(tmp_path / "ray" / "smoke" / "best_config.yaml"))  # what the retrain command loads
+    assert best.student.arch in space.SMOKE_ARCHS and best.run.output_dir == "runs/smoke_best"
+
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path))).read_text())
+    table = dict(zip(table["columns"], zip(*table["data"], strict=True), strict=True))
+    assert table["status"] == ("TERMINATED", "TERMINATED") and table["step"] == (4.0, 4.0)
+    assert all(0 <= v <= 100 for v in table["val/hIoU"]) and not any("." in name for name in table)
+    assert sorted(table["student_arch"]) == sorted(space.SMOKE_ARCHS)  # both archs, both scale sets
+    assert sorted(table["plm_kmeans_scales"]) == sorted(space.SMOKE_SCALES)
     # every reported Ray checkpoint is a folder holding exactly one trainer checkpoint file
     checkpoints = sorted((tmp_path / "ray" / "smoke").glob("*/checkpoint_*"))
     assert len(checkpoints) == 4 and all([p.name for p in c.iterdir()] == [f"step_0000000{s}.pt"] for c, s in zip(
         checkpoints, [2, 4, 2, 4], strict=True))  # fmt: skip
-    assert (tmp_path / "ray" / "smoke" / "best_config.yaml").is_file()
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent = client.get_run(summary["parent_run_id"])
-    assert parent.info.status == "FINISHED" and f"best/{backbones.METRIC}" in parent.data.metrics
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    assert all("val/hIoU" in c.data.metrics for c in children)
+    assert all(METRIC in c.data.metrics for c in children)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"trials.json", "best_config.yaml"} <= artifacts
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-class _FakeTune:
-    """Stands in for Ray's trial session around ``run_trial`` (folder, name, restored checkpoint, report)."""
-
-    def __init__(self, trial_dir: Path, restored=None, keep_to: Path | None = None, kill_after: int | None = None):
-        self.trial_dir, self.restored, self.reports = trial_dir, restored, []
-        self.keep_to, self.kill_after = keep_to, kill_after
-
-    def get_trial_dir(self) -> str:
-        return str(self.trial_dir)
-
-    def get_trial_name(self) -> str:
-        return "run_trial_00000"
-
-    def report(self, metrics, checkpoint=None):
-        files = sorted(p.name for p in Path(checkpoint.path).iterdir()) if checkpoint else []
-        self.reports.append((metrics["step"], files))
-        if checkpoint and self.keep_to:  # what Ray's storage would hold after the report
-            shutil.copytree(checkpoint.path, self.keep_to)
-        if self.kill_after is not None and len(self.reports) >= self.kill_after:
-            raise KeyboardInterrupt("node lost")
-
-
-def test_restarted_trial_resumes_from_its_reported_checkpoint(assets, tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-    from ray import tune
-
-    from clipzss.engine.tracking import Tracker
-
-    fixed = [*tiny_overrides(assets, tmp_path / "unused"), "tracking.log_images=false"]
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    parent = Tracker(load_config(None, fixed).tracking, tmp_path / "parent", run_name="sweep")
-    sample = {"student.arch": "segformer_tiny", "plm.kmeans.scales": "2,4", "optim.lr": 1e-3}
-
-    first = _FakeTune(tmp_path / "node_a", keep_to=tmp_path / "reported", kill_after=1)
-    monkeypatch.setattr(tune, "get_context", lambda: first)
-    monkeypatch.setattr(tune, "get_checkpoint", lambda: first.restored)
-    monkeypatch.setattr(tune, "report", first.report)
-    with pytest.raises(KeyboardInterrupt):
-        backbones.run_trial(sample, None, fixed, parent.run_id)
-    assert first.reports == [(2, ["step_00000002.pt"])]  # the checkpoint folder holds only that file
-
-    # Ray restarts the trial on another node: a fresh folder, the last reported checkpoint handed back
-    second = _FakeTune(tmp_path / "node_b", restored=tune.Checkpoint.from_directory(tmp_path / "reported"))
-    monkeypatch.setattr(tune, "get_context", lambda: second)
-    monkeypatch.setattr(tune, "get_checkpoint", lambda: second.restored)
-    monkeypatch.setattr(tune, "report", second.report)
-    backbones.run_trial(sample, None, fixed, parent.run_id)
-    assert second.reports == [(4, ["step_00000004.pt"])]  # continued from step 2, not from scratch
-    assert sorted(p.name for p in (tmp_path / "node_b" / "checkpoints").iterdir()) == [
-        "step_00000002.pt",
-        "step_00000004.pt",
-    ]
-    children = MlflowClient(tracking_uri=uri).search_runs(
-        [parent.client.get_run(parent.run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'"
-    )
-    assert len(children) == 1 and children[0].info.status == "FINISHED"  # the same MLflow run, continued
+    assert {"trials.json", "best_config.yaml", "optuna"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
+    assert {"optuna/optimization_history.png", "optuna/parallel_coordinate.png"} <= plots

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from open_clip.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+from clipzss import paths
 from clipzss.config import TeacherConfig
 from clipzss.models.prompts import class_prompts, get_templates
-from clipzss.models.teacher import CLIPTeacher
+from clipzss.models.teacher import CLIPTeacher, _file_stamp
 
 TEXT = {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
 VIT = {"embed_dim": 48, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16}}
@@ -173,3 +174,13 @@ def test_random_init_teacher_caches_text_in_memory_only(model_files, tmp_path):
 
 def test_class_prompts_replace_separators():
     assert class_prompts("wall-concrete_x", ("a photo of a {}.",)) == ["a photo of a wall concrete x."]
+
+
+def test_text_cache_key_follows_a_retrained_shipped_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "ASSETS", tmp_path)  # "@assets/..." resolves here
+    weights = tmp_path / "teacher.pt"
+    weights.write_bytes(b"old weights")
+    old = _file_stamp("@assets/teacher.pt")
+    assert old is not None and old == _file_stamp(str(weights))
+    weights.write_bytes(b"retrained weights")
+    assert _file_stamp("@assets/teacher.pt") != old  # a stale text cache is never read

@@ -38,7 +38,7 @@ def test_train_end_to_end_logs_everything(assets, tmp_path):
     assert (out / "images" / "confusion_step4.png").is_file()
     status, history, params = run_metrics(cfg.tracking.uri, out)
     assert status == "FINISHED"
-    assert params["plm.kmeans.scales"] == "(2, 4)" and params["teacher.model"] == assets["json"]
+    assert params["plm.kmeans.scales"] == "[2, 4]" and params["teacher.model"] == assets["json"]
     for term in ("glm", "ce", "bce", "total"):  # every enabled term (NEL is off by default) logged, finite, non-zero
         values = history[f"train/loss/{term}"]
         assert len(values) == 4 and all(torch.isfinite(torch.tensor(v)) and v != 0 for v in values), term

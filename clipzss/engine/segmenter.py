@@ -5,6 +5,7 @@ Only the student runs on images. CLIP's text tower embeds the vocabulary once; n
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,9 +18,22 @@ from clipzss.data.images import to_rgb
 from clipzss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clipzss.engine.checkpoint import load_model_bundle
 from clipzss.engine.inference import predict
-from clipzss.engine.visualize import overlay, side_by_side, upscale, with_legend
+from clipzss.engine.visualize import segmentation_panel
 from clipzss.models.students import build_student
 from clipzss.models.teacher import CLIPTeacher
+from clipzss.paths import resolve_path
+
+SYNTHETIC_TEACHER = "@assets/synthetic_clip.json"
+
+
+def known_vocabulary(teacher_model: str) -> tuple[str, ...] | None:
+    """The only names a teacher can read, for the shipped synthetic one (its captions name 16 categories);
+    None for a real CLIP, whose vocabulary is open."""
+    if resolve_path(teacher_model) != resolve_path(SYNTHETIC_TEACHER):
+        return None
+    from clipzss.data.synthetic import CLASSES
+
+    return CLASSES
 
 
 class OpenVocabSegmenter:
@@ -67,6 +81,20 @@ class OpenVocabSegmenter:
             raise ValueError(f"{path}: the weights do not fit the student its config builds ({e})") from e
         return cls(cfg, student, float(bundle.get("alpha", cfg.loss.alpha)), text_encoder, device)
 
+    @classmethod
+    def from_mlflow(cls, uri: str, device: str | torch.device = "cpu") -> OpenVocabSegmenter:
+        """Load a student logged by training as an MLflow model (``runs:/<run id>/student``, ``models:/...``);
+        its config and logit scale come from the model's metadata. The tracking store is MLflow's current one."""
+        import mlflow.pytorch
+        from mlflow.models import get_model_info
+
+        metadata = get_model_info(uri).metadata or {}
+        if "clipzss_config" not in metadata:
+            raise ValueError(f"{uri} is not a clipzss student (its MLmodel metadata has no 'clipzss_config')")
+        cfg = from_dict(metadata["clipzss_config"])
+        student = mlflow.pytorch.load_model(uri, map_location="cpu")
+        return cls(cfg, student, float(metadata["alpha"]), CLIPTeacher(cfg.teacher), device)
+
     def set_vocabulary(self, class_names: Sequence[str]) -> None:
         """Embed the class names once (prompt ensemble); every later ``segment`` call reuses them."""
         names = [n.strip() for n in class_names if n.strip()]
@@ -75,6 +103,15 @@ class OpenVocabSegmenter:
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"class name(s) given more than once: {', '.join(repeated)} (each class needs one name)")
+        known = known_vocabulary(self.cfg.teacher.model)
+        unknown = [n for n in names if known is not None and n not in known]
+        if unknown:
+            print(
+                f"warning: this student's teacher ({self.cfg.teacher.model}) was pretrained on captions naming only "
+                f"{len(known)} categories ({', '.join(known)}); {', '.join(map(repr, unknown))} are words it never "
+                "saw, so their segments are arbitrary. Use those names, or a student trained with a real CLIP.",
+                file=sys.stderr,
+            )
         self.vocabulary = names
         self.text = self._text_encoder.encode_text(names).to(self.device)
 
@@ -101,11 +138,8 @@ class OpenVocabSegmenter:
         )
 
     def overlay_with_legend(self, image: Image.Image, labels: np.ndarray) -> np.ndarray:
-        """Image | overlay, with a legend of the classes present."""
-        rgb = np.asarray(to_rgb(image))
-        n = len(self.vocabulary)
-        present = sorted(np.unique(labels).tolist())
-        return with_legend(side_by_side(upscale(rgb), upscale(overlay(rgb, labels, n))), self.vocabulary, present, n)
+        """Image | segmentation, titled, with a legend of the classes present."""
+        return segmentation_panel(np.asarray(to_rgb(image)), labels, self.vocabulary)
 
     def segment_file(self, path: str | Path, out_dir: str | Path) -> Path:
         """Segment one image file and write ``<out_dir>/<stem>_seg.png`` (overlay + legend)."""

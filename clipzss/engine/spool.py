@@ -70,9 +70,10 @@ class Spool:
         sink: the object whose methods are called on delivery (``Tracker``); must have ``uri`` and ``run_id``.
         run_dir: the run directory holding the journal.
         quiet_http: a context manager factory under which deliveries run (fail fast instead of MLflow's retries).
+        continuing: the run goes on (``--resume``): an end status still waiting from its previous session is void.
     """
 
-    def __init__(self, sink: Any, run_dir: str | Path, quiet_http=None):
+    def __init__(self, sink: Any, run_dir: str | Path, quiet_http=None, continuing: bool = False):
         self.sink, self.uri, self.run_id = sink, sink.uri, sink.run_id
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +82,8 @@ class Spool:
         self._journal_path.write_text("".join(json.dumps(r) + "\n" for r in self._records))  # drop a torn tail
         cursor = self.dir / CURSOR
         self._delivered = int(cursor.read_text()) if cursor.is_file() else 0
+        waiting = range(self._delivered, len(self._records))
+        self._void = {i for i in waiting if self._records[i]["op"] == "finish"} if continuing else set()
         self._seen = {(k, r["args"][1]) for r in self._records if r["op"] == "log_metrics" for k in r["args"][0]}
         self._quiet_http = quiet_http
         self._wake = threading.Condition()
@@ -149,17 +152,16 @@ class Spool:
         return left
 
     def _deliver_forever(self) -> None:
-        backoff = 1.0
+        backoff = min(1.0, MAX_BACKOFF)
         while True:
             with self._wake:
                 while self._delivered >= len(self._records) and not self._closing:
                     self._wake.wait()
                 if self._closing and (self._delivered >= len(self._records) or self.outage_since is not None):
                     return
-                record = self._records[self._delivered]
-                superseded = record["op"] == "finish" and self._delivered + 1 < len(self._records)
-            if superseded or self._deliver(record):  # a run resumed after its end: its old status is void
-                backoff = 1.0
+                record, void = self._records[self._delivered], self._delivered in self._void
+            if void or self._deliver(record):
+                backoff = min(1.0, MAX_BACKOFF)
                 with self._wake:
                     self._delivered += 1
                     _write_atomic(self.dir / CURSOR, str(self._delivered))

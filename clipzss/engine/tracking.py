@@ -1,11 +1,15 @@
 """MLflow tracking: one run per output folder (a resumed run continues the same MLflow run).
 
-Only flat scalars are logged as metrics (``train/loss/total``, ``val/hIoU``); params are the dotted config keys.
+What a user of MLflow expects, where MLflow's own docs put it: model-training experiments (not GenAI ones), params as
+the dotted config keys in the ``key=[4, 8, 16]`` form typed on the command line, flat scalar metrics rounded to 5
+significant digits (``train/loss/total``, ``val/hIoU``, ``val/IoU/<class>``), git commit/source tags, a description,
+the dataset as a run input, system metrics on request and the student as an MLflow PyTorch model.
 The default store is a local SQLite file (MLflow 3 has retired the plain file store).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from contextlib import contextmanager
@@ -14,13 +18,91 @@ from typing import Any
 
 import numpy as np
 
-from clipzss.config import TrackingConfig
+from clipzss.config import Config, TrackingConfig
+from clipzss.paths import resolve_path
 
 RUN_ID_FILE = "mlflow_run_id"
+# MLflow's documented kind of an experiment. MLflow 3.17.2's own UI still opens every experiment in its GenAI view
+# unless its "Model training" toggle (or ?workflowType=machine_learning in the URL) says otherwise.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": "CLIP-ZSS runs: students distilled from a frozen CLIP teacher (clipzss).",
+}
 
 
 class TrackingError(RuntimeError):
     """The MLflow store cannot be used; the message names the URI and the way out."""
+
+
+def param_value(value: Any) -> str:
+    """A config value as typed on the command line: ``[4, 8, 16]``, ``true``, ``null``, ``0.0001``."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(param_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
+def rounded(value: float) -> float:
+    """5 significant digits: what a chart or a table can show, without float noise (``35.41237`` -> ``35.412``)."""
+    return float(f"{float(value):.5g}")
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's ``mlflow.source.*`` tags for the clipzss checkout that runs (empty git tags outside a checkout)."""
+    import sys
+
+    from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
+
+    package = str(Path(__file__).resolve().parents[1])
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": Path(sys.argv[0]).name or "python"}
+    found = {
+        "mlflow.source.git.commit": get_git_commit(package),
+        "mlflow.source.git.branch": get_git_branch(package),
+        "mlflow.source.git.repoURL": get_git_repo_url(package),
+    }
+    return {**tags, **{k: v for k, v in found.items() if v}}
+
+
+def run_name(cfg: Config) -> str:
+    """``tracking.run_name``, else what tells runs apart: ``segformer_tiny synthetic scales=[4, 8, 16] seed=0``."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    parts = [cfg.student.arch, cfg.data.dataset]
+    parts.append(f"scales={param_value(cfg.plm.kmeans.scales)}" if cfg.plm.enabled else "no PLM")
+    if cfg.glm.weight == 0:
+        parts.append("no GLM")
+    return " ".join([*parts, f"seed={cfg.run.seed}"])
+
+
+def run_description(cfg: Config) -> str:
+    """``tracking.description``, else a Markdown summary of what the run trains, on what, and where it writes."""
+    if cfg.tracking.description:
+        return cfg.tracking.description
+    glm = f"GLM weight {cfg.glm.weight}" if cfg.glm.weight else "GLM off"
+    plm = f"PLM with K-Means scales {param_value(cfg.plm.kmeans.scales)}" if cfg.plm.enabled else "PLM off"
+    return (
+        f"CLIP-ZSS: student `{cfg.student.arch}` distilled from the frozen CLIP teacher `{cfg.teacher.model}` on "
+        f"`{cfg.data.dataset}` (zero-shot split `{cfg.data.split}`) for {cfg.optim.max_iters} steps; {glm}, {plm}. "
+        f"Outputs in `{cfg.run.output_dir}`; the student is the logged model `student`."
+    )
+
+
+def eval_metrics(metrics: dict, class_names: list[str] | tuple[str, ...]) -> dict[str, float]:
+    """One evaluation's summary (``val/hIoU``, ...) and per-class IoU (``val/IoU/<class>``) as flat scalars."""
+    flat = {f"val/{k}": float(metrics[k]) for k in ("pAcc", "mIoU", "mIoU_S", "mIoU_U", "hIoU")}
+    return flat | {f"val/IoU/{name}": float(v) for name, v in zip(class_names, metrics["iou"], strict=True)}
+
+
+def log_datasets(tracker: Tracker | NullTracker, cfg: Config, train_set, val_set) -> None:
+    """The train and val datasets (name ``<dataset>/<split>``, their root, a digest of their files) as run inputs."""
+    for context, data, root in (
+        ("train", train_set, cfg.data.root),
+        ("eval", val_set, cfg.data.eval_root or cfg.data.root),
+    ):
+        names = "\n".join([data.dataset, data.split.name, *(s.name for s in data.samples)])
+        digest = hashlib.sha256(names.encode()).hexdigest()
+        tracker.log_dataset(f"{data.dataset}/{data.split.name}", resolve_path(root), digest, context)
 
 
 def default_uri() -> str:
@@ -45,9 +127,25 @@ def quick_http():
 
 
 class Tracker:
-    """A thin, explicit MLflow client for one training run."""
+    """A thin, explicit MLflow client for one run (a training run, or the parent of an ablation or a sweep)."""
 
-    def __init__(self, cfg: TrackingConfig, output_dir: str | Path, run_name: str = "", tags: dict | None = None):
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        output_dir: str | Path,
+        run_name: str = "",
+        tags: dict | None = None,
+        description: str = "",
+    ):
+        """Create the run (or reopen the one whose id ``output_dir`` holds) in a model-training experiment.
+
+        Args:
+            cfg: the tracking section (store URI, experiment, run name, system metrics).
+            output_dir: where the run id is kept, so that ``--resume`` continues the same MLflow run.
+            run_name: shown in the UI; ``cfg.run_name`` wins when set, then this, then the folder's name.
+            tags: extra run tags (``mlflow.parentRunId`` nests the run).
+            description: the run's Markdown description (MLflow's ``mlflow.note.content``).
+        """
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -56,10 +154,7 @@ class Tracker:
         with quick_http():
             try:
                 self.client = MlflowClient(tracking_uri=self.uri)
-                experiment = self.client.get_experiment_by_name(cfg.experiment)
-                experiment_id = (
-                    experiment.experiment_id if experiment else self.client.create_experiment(cfg.experiment)
-                )
+                experiment_id = self._experiment(cfg.experiment)
             except Exception as e:
                 raise TrackingError(
                     f"MLflow tracking store {self.uri!r} is unreachable or unusable ({type(e).__name__}: {e}). "
@@ -68,37 +163,69 @@ class Tracker:
                 ) from e
         id_file = self.output_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else ""
+        self._logged: dict[str, int] | None = None  # continued run: last step already logged per metric
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
+            self._logged = {}
         else:
-            run = self.client.create_run(
-                experiment_id, run_name=run_name or cfg.run_name or self.output_dir.name, tags=tags or {}
-            )
-            run_id = run.info.run_id
+            run_tags = {**source_tags(), **(tags or {})}
+            if description:
+                run_tags["mlflow.note.content"] = description
+            name = cfg.run_name or run_name or self.output_dir.name
+            run_id = self.client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
             self.output_dir.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id)
         self.run_id = run_id
         self._mlflow = mlflow
+        self._monitor = self._system_metrics() if cfg.system_metrics else None
+
+    def _experiment(self, name: str) -> str:
+        """The id of experiment ``name``, created as a model-training experiment (older ones are tagged so)."""
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            location = None  # a server's default; beside a SQLite file, its own mlruns/ (a store is one folder)
+            if self.uri.startswith("sqlite:///"):
+                location = (Path(self.uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
+            return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+        for key, value in EXPERIMENT_TAGS.items():
+            if key not in experiment.tags:  # never override what a user chose in the UI
+                self.client.set_experiment_tag(experiment.experiment_id, key, value)
+        return experiment.experiment_id
+
+    def _system_metrics(self):
+        """MLflow's own CPU / memory / GPU sampler (``system/...`` metrics), logging to this run every 10 s."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, tracking_uri=self.uri, resume_logging=True)
+        monitor.start()
+        return monitor
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         logged = self.client.get_run(self.run_id).data.params
-        fresh = [Param(k, str(v)) for k, v in params.items() if k not in logged]
+        fresh = [Param(k, param_value(v)) for k, v in params.items() if k not in logged]
         for start in range(0, len(fresh), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=fresh[start : start + 100])
+
+    def _already_logged(self, key: str, step: int) -> bool:
+        """A continued run resumed from a checkpoint older than its last logged step: that step is not logged twice
+        (exact resume recomputes the same values)."""
+        if self._logged is None:
+            return False
+        if key not in self._logged:
+            self._logged[key] = max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
+        return step <= self._logged[key]
 
     def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         """``timestamp_ms``: when the values were produced (a spooled redelivery keeps it, so MLflow dedups it)."""
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
-        rows = [Metric(k, float(v), stamp, step) for k, v in metrics.items() if np.isfinite(v)]
+        rows = [Metric(k, rounded(v), stamp, step) for k, v in metrics.items()
+                if np.isfinite(v) and not self._already_logged(k, step)]  # fmt: skip
         if rows:
             self.client.log_batch(self.run_id, metrics=rows)
-
-    def log_image(self, image: np.ndarray, name: str, step: int) -> None:
-        self.client.log_image(self.run_id, image, key=name, step=step)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
@@ -107,13 +234,73 @@ class Tracker:
         self.client.log_dict(self.run_id, data, name)
 
     def log_table(self, data: dict[str, list], name: str) -> None:
-        self.client.log_table(self.run_id, data, name)
+        """A column-oriented table; dots in column names become ``/`` (``optim.lr`` -> ``optim/lr``): MLflow's UI
+        reads a dotted name as a nested field and shows the column blank."""
+        renamed = {column.replace(".", "/"): values for column, values in data.items()}
+        if len(renamed) != len(data):
+            raise ValueError(f"table {name!r}: columns {list(data)} collide once dots become '/'")
+        self.client.log_table(self.run_id, renamed, name)
+
+    def log_dataset(self, name: str, root: str | Path, digest: str, context: str) -> None:
+        """Record a dataset (``name``, e.g. ``synthetic/default``, read from ``root``) as an input of this run."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.entities import DatasetInput, InputTag
+
+        source = LocalArtifactDatasetSource(str(Path(root).resolve()))
+        dataset = MetaDataset(source, name=name, digest=digest[:36])
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+
+    def log_student(self, bundle: str | Path, name: str = "student") -> str:
+        """Log the student of an exported ``model.pt`` as an MLflow PyTorch model with a signature (images
+        [B, 3, H, W] -> R [B, C, h, w]) and, in the model's metadata, its config, alpha and embed_dim (what
+        ``clipzss segment --model runs:/...`` reads); returns its URI. A path, not a module: the call is journalled
+        by the spool, and a module fresh from the file is free of a trained one's unpicklable hook state."""
+        from importlib.metadata import version
+
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        from clipzss.config import from_dict
+        from clipzss.engine.checkpoint import load_model_bundle
+        from clipzss.models.students import build_student
+
+        saved = load_model_bundle(bundle)
+        student = build_student(from_dict(saved["config"]).student, saved["embed_dim"])
+        student.load_state_dict(saved["student"])
+        extra = {"alpha": float(saved["alpha"]), "embed_dim": int(saved["embed_dim"])}
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "images")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, extra["embed_dim"], -1, -1), "features")]),
+        )
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"clipzss=={version('clipzss')}"]
+        previous = self._mlflow.get_tracking_uri()
+        self._mlflow.set_tracking_uri(self.uri)
+        try:
+            with self._mlflow.start_run(run_id=self.run_id, nested=self._mlflow.active_run() is not None):
+                mlflow.pytorch.log_model(
+                    student.eval(),
+                    name=name,
+                    signature=signature,
+                    metadata={"clipzss_config": saved["config"], **extra},
+                    pip_requirements=requirements,
+                    serialization_format="pickle",  # "pt2" (a traced graph) would need an example input
+                )
+        finally:
+            self._mlflow.set_tracking_uri(previous)
+        return f"runs:/{self.run_id}/{name}"
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
         self.client.set_terminated(self.run_id, status=status)
 
 

@@ -4,13 +4,17 @@
 synthetic world pretrains, and the text encoder used at test time all come from it.
 
 A JSON config is open_clip's own model-config format (``{"embed_dim", "vision_cfg", "text_cfg"}``) plus an
-optional clipzss-only section ``"clipzss": {"output_stride": 8}``. For a ModifiedResNet vision tower, an output
-stride of 8 or 16 removes the anti-aliasing stride-2 average pools of the last stages after construction, so a small
-image keeps a usable dense map (a 64-px image gives an 8x8 map at stride 8 instead of 2x2 at stride 32). The attention
-pool's positional embedding was created for an ``image_size // 32`` grid; it is resized (bilinear) to the new
-``image_size // output_stride`` grid at construction, so the model's own forward still works at ``image_size`` and
-its checkpoints carry the larger embedding. Loading a checkpoint whose attnpool embedding has another grid (e.g. a
-stride-32 RN50) resizes it the same way. At other input sizes the teacher interpolates it again per grid.
+optional clipzss-only section ``"clipzss": {"output_stride": 8, "vocabulary": [...]}``. A ``vocabulary`` (BPE token
+strings) restricts the text tower to those tokens (see :class:`VocabularyTokenizer`): a model trained on a closed
+set of words, like the synthetic world's teacher, then ships a token embedding of a few dozen rows, not 49,408.
+
+For a ModifiedResNet vision tower, an output stride of 8 or 16 removes the anti-aliasing stride-2 average pools of
+the last stages after construction, so a small image keeps a usable dense map (a 64-px image gives an 8x8 map at
+stride 8 instead of 2x2 at stride 32). The attention pool's positional embedding was created for an
+``image_size // 32`` grid; it is resized (bilinear) to the new ``image_size // output_stride`` grid at construction,
+so the model's own forward still works at ``image_size`` and its checkpoints carry the larger embedding. Loading a
+checkpoint whose attnpool embedding has another grid (e.g. a stride-32 RN50) resizes it the same way. At other input
+sizes the teacher interpolates it again per grid.
 """
 
 from __future__ import annotations
@@ -108,9 +112,11 @@ def _create_from_json(path: Path) -> tuple[open_clip.model.CLIP, Tokenizer]:
         raise FileNotFoundError(f"clip_factory: model config {str(path)!r} does not exist")
     cfg = json.loads(path.read_text())
     extra = cfg.pop("clipzss", {})
-    unknown = set(extra) - {"output_stride"}
+    unknown = set(extra) - {"output_stride", "vocabulary"}
     if unknown:
-        raise ValueError(f"clipzss: {path}: unknown keys {sorted(unknown)} in 'clipzss' (allowed: output_stride)")
+        raise ValueError(
+            f"clipzss: {path}: unknown keys {sorted(unknown)} in 'clipzss' (allowed: output_stride, vocabulary)"
+        )
     text_cfg = cfg.get("text_cfg", {})
     if cfg.pop("custom_text", False) or text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
         raise ValueError(f"clip_factory: {path}: only the plain OpenAI-BPE text tower is supported for JSON configs")
@@ -121,7 +127,42 @@ def _create_from_json(path: Path) -> tuple[open_clip.model.CLIP, Tokenizer]:
     if "output_stride" in extra:
         set_resnet_output_stride(clip.visual, extra["output_stride"], source=str(path))
     tokenizer = open_clip.get_tokenizer("", context_length=text_cfg.get("context_length", 77))
+    if "vocabulary" in extra:
+        tokenizer = VocabularyTokenizer(tokenizer, extra["vocabulary"], source=str(path))
+        if len(extra["vocabulary"]) != text_cfg.get("vocab_size"):
+            raise ValueError(
+                f"clip_factory: {path}: text_cfg.vocab_size is {text_cfg.get('vocab_size')}, but clipzss.vocabulary "
+                f"has {len(extra['vocabulary'])} tokens"
+            )
     return clip, tokenizer
+
+
+class VocabularyTokenizer:
+    """open_clip's BPE tokenizer restricted to a small vocabulary of BPE token strings.
+
+    Token ids are renumbered 0..V-1 in BPE-id order, so the end-of-text token keeps the largest id (open_clip pools
+    the text at ``argmax`` of the ids) and padding (BPE id 0) stays 0. A token outside the vocabulary maps to 0: a
+    model trained on a closed set of words has learnt nothing about other words.
+    """
+
+    def __init__(self, base: open_clip.tokenizer.SimpleTokenizer, vocabulary: list[str], source: str = "") -> None:
+        unknown = [t for t in vocabulary if t not in base.encoder]
+        if unknown:
+            raise ValueError(f"clip_factory: {source}: clipzss.vocabulary holds non-BPE tokens {unknown[:5]}")
+        ids = [base.encoder[t] for t in vocabulary]
+        required = {0, base.sot_token_id, base.eot_token_id}
+        if ids != sorted(set(ids)) or not required <= set(ids):
+            raise ValueError(
+                f"clip_factory: {source}: clipzss.vocabulary must list distinct tokens in BPE-id order, including "
+                f"{[base.decoder[i] for i in sorted(required)]}"
+            )
+        self.base = base
+        self.lut = torch.zeros(len(base.encoder), dtype=torch.long)  # BPE id -> vocabulary row
+        self.lut[torch.tensor(ids)] = torch.arange(len(ids))
+
+    def __call__(self, texts: list[str]) -> Tensor:
+        """[N] strings -> [N, context_length] vocabulary rows."""
+        return self.lut[self.base(texts)]
 
 
 def set_resnet_output_stride(visual: nn.Module, output_stride: int, source: str = "") -> None:

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from clipzss.config import TeacherConfig
 from clipzss.models.clip_factory import create_clip, resize_grid_pos_embed
 from clipzss.models.prompts import class_prompts, get_templates
+from clipzss.paths import resolve_path
 
 
 @dataclass
@@ -220,7 +221,9 @@ class CLIPTeacher(nn.Module):
 
 
 def _file_stamp(path: str) -> list[int] | None:
-    """(size, mtime) of a local file, so a retrained checkpoint at the same path gets new cache keys."""
+    """(size, mtime) of a local file (``~`` and ``@assets/`` resolved), so a retrained checkpoint at the same path
+    gets new cache keys."""
+    path = resolve_path(path)
     if not path or not Path(path).is_file():
         return None
     stat = Path(path).stat()

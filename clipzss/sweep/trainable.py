@@ -1,0 +1,179 @@
+"""The Tune function trainable: one real ``train()`` per trial, in the trial's own folder and MLflow child run.
+
+Three hazards of Ray 2.60 are handled here, where a trial starts and ends:
+
+- A trial that the scheduler (ASHA) stops ends with ``SystemExit(0)`` raised inside ``tune.report``. ``train()``
+  closes its run FAILED on any exception; the run is re-marked KILLED with a tag naming the step it stopped at
+  (its metrics up to that evaluation are kept).
+- A restarted trial (worker lost, or the sweep resumed after its driver died) is handed the checkpoint named in
+  the last experiment snapshot, which can lag what was written; it resumes from the highest step found in the
+  trial's storage instead, so no step is trained (or logged) twice.
+- A restarted trial runs in a fresh folder: it finds its MLflow run again by parent and run name, so each trial has
+  exactly one child run however often it restarts.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from clipzss.config import Config, load_config, set_value
+from clipzss.engine.checkpoint import CHECKPOINT_DIR, MODEL_FILE, latest_checkpoint
+from clipzss.engine.tracking import RUN_ID_FILE
+from clipzss.sweep.space import sample_overrides
+
+_STEP_FILE = re.compile(r"step_(\d+)\.pt$")
+STOPPED_TAG = "clipzss.stopped_early_at_step"
+
+
+def _tune_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
+    """Report to Tune; a checkpoint travels as a folder holding only that one file."""
+    from ray import tune
+
+    if checkpoint is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy2(checkpoint, folder)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))  # copied to storage before return
+
+
+def restore_latest_checkpoint(output_dir: Path) -> Path | None:
+    """Copy the highest-step checkpoint this trial ever reported (from its storage, local or s3://) into
+    ``<output_dir>/checkpoints``; returns the local file, or None for a first start."""
+    from pyarrow.fs import FileSelector, FileType, copy_files
+    from ray import tune
+
+    storage = tune.get_context().get_storage()
+    fs = storage.storage_filesystem
+    found = []
+    for info in fs.get_file_info(FileSelector(storage.trial_fs_path, allow_not_found=True, recursive=True)):
+        parent = Path(info.path).parent.name
+        if info.type == FileType.File and parent.startswith("checkpoint_") and (m := _STEP_FILE.search(info.path)):
+            found.append((int(m.group(1)), info.path))
+    if not found:
+        return None
+    step, path = max(found)
+    target = output_dir / CHECKPOINT_DIR / Path(path).name
+    if latest_checkpoint(output_dir) != target:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy_files(path, str(target), source_filesystem=fs)
+    return target
+
+
+def reattach_mlflow_run(cfg: Config, output_dir: Path, resumable: bool) -> None:
+    """A trial restarted in a fresh folder continues its own MLflow run (found by parent and run name). A restart
+    with no checkpoint to continue from trains from step 0 in a new run, so its earlier attempts' runs are deleted:
+    one run per trial, each step logged once."""
+    from mlflow.tracking import MlflowClient
+
+    id_file = output_dir / RUN_ID_FILE
+    if (resumable and id_file.exists()) or not cfg.tracking.enabled or not cfg.tracking.parent_run_id:
+        return
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return
+    t = cfg.tracking
+    query = f"tags.mlflow.parentRunId = '{t.parent_run_id}' and tags.`mlflow.runName` = '{t.run_name}'"
+    runs = client.search_runs([experiment.experiment_id], query)
+    if not resumable:
+        for run in runs:
+            client.delete_run(run.info.run_id)
+        return
+    if runs:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(runs[0].info.run_id)
+
+
+def mark_stopped(cfg: Config, output_dir: Path, step: int) -> None:
+    """The run of a trial the scheduler stopped: KILLED (not FAILED), tagged with the step it stopped at."""
+    from mlflow.tracking import MlflowClient
+
+    id_file = output_dir / RUN_ID_FILE
+    if not cfg.tracking.enabled or not id_file.exists():
+        return
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    run_id = id_file.read_text().strip()
+    client.set_tag(run_id, STOPPED_TAG, str(step))
+    client.set_tag(run_id, "clipzss.stopped", f"stopped early by the sweep's scheduler (ASHA) at step {step}")
+    client.set_terminated(run_id, status="KILLED")
+
+
+def trial_config(sample: dict[str, Any], config: str | None, fixed: list[str], parent_run_id: str) -> Config:
+    """The trial's config: base + fixed overrides + ``sample``, in the trial's folder, nested under the parent."""
+    from ray import tune
+
+    context = tune.get_context()
+    cfg = load_config(config, [*fixed, *sample_overrides(sample)])
+    set_value(cfg, "run.output_dir", str(Path(context.get_trial_dir()).resolve()))
+    if cfg.tracking.enabled and parent_run_id:
+        set_value(cfg, "tracking.parent_run_id", parent_run_id)
+        set_value(cfg, "tracking.run_name", context.get_trial_name())
+    return cfg
+
+
+def run_trial(
+    sample: dict[str, Any],
+    config: str | None,
+    fixed: list[str],
+    parent_run_id: str,
+    cell_runs: dict[str, str] | None = None,
+    measure_cost: bool = False,
+) -> None:
+    """One real ``train()`` on the base config + fixed overrides + ``sample`` (Tune's function trainable).
+
+    Args:
+        sample: the sampled (or grid) values of the search-space keys.
+        config: the base preset or YAML file; ``fixed``: overrides every trial shares.
+        parent_run_id: the sweep's MLflow run this trial's run is nested under ...
+        cell_runs: ... or, for a benchmark grid, the run of each cell ``"<arch>/<scales>"`` (see :func:`cell_key`).
+        measure_cost: the last report also carries the student's ``cost/...`` figures (:mod:`clipzss.sweep.cost`).
+    """
+    from clipzss.train import train
+
+    cfg = trial_config(sample, config, fixed, cell_runs[cell_key(sample)] if cell_runs else parent_run_id)
+    output_dir = Path(cfg.run.output_dir)
+    restore_latest_checkpoint(output_dir)
+    resumable = latest_checkpoint(output_dir) is not None
+    reattach_mlflow_run(cfg, output_dir, resumable)
+
+    final: list[tuple[dict[str, float], Path | None]] = []
+    last_step = [0]
+
+    def report(metrics: dict[str, float], checkpoint: Path | None) -> None:
+        # The last evaluation is held back until train() returns: ASHA answers a result at max_t with STOP, which
+        # would end the trial before it exports model.pt and closes its MLflow run.
+        last_step[0] = int(metrics["step"])
+        if metrics["step"] >= cfg.optim.max_iters:
+            final.append((metrics, checkpoint))
+        else:
+            _tune_report(metrics, checkpoint)
+
+    try:
+        train(cfg, report=report, resume=resumable)  # the folder is this trial's own: continue what it holds
+    except SystemExit as stop:  # Ray 2.60: the scheduler stopped this trial (sys.exit(0) inside tune.report)
+        if stop.code not in (0, None):
+            raise
+        mark_stopped(cfg, output_dir, last_step[0])
+        raise
+    for metrics, checkpoint in final:
+        if measure_cost:
+            from clipzss.sweep.cost import student_cost
+
+            metrics = {**metrics, **student_cost(output_dir / MODEL_FILE, _device(cfg))}
+        _tune_report(metrics, checkpoint)
+
+
+def cell_key(sample: dict[str, Any]) -> str:
+    """The benchmark cell a sample belongs to: ``"<student.arch>/<plm.kmeans.scales>"``."""
+    return f"{sample['student.arch']}/{sample['plm.kmeans.scales']}"
+
+
+def _device(cfg: Config) -> str:
+    import torch
+
+    return "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"
