@@ -114,4 +114,4 @@ def test_a_trial_asha_stops_ends_killed_with_its_step_and_metrics(assets, tmp_pa
         trainable.run_trial(SAMPLE, None, fixed, parent.run_id)
     (child,) = children()
     assert child.info.status == "KILLED" and child.data.tags[STOPPED_EARLY_TAG] == "stopped early at step 2"
-    assert child.data.metrics["step"] == 2 and "val/hIoU" in child.data.metrics  # its metrics so far are kept
+    assert "val/hIoU" in child.data.metrics  # its metrics so far are kept (the step is in the tag)
