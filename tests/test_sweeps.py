@@ -124,3 +124,10 @@ def test_a_sweep_joined_with_address_hands_the_clusters_mlflow_server_to_its_tri
     assert joined == ["auto"] and "tracking.uri=http://10.0.0.5:5000" in sweep.fixed
     local = runner.prepare(SweepOptions(storage=str(tmp_path), overrides=["tracking.enabled=false"]), "backbones")
     assert any(o.startswith("tracking.uri=sqlite:///") for o in local.fixed) and joined == ["auto"]
+
+
+def test_the_benchmark_cost_columns_of_a_trained_student(trained_run):
+    from clipzss.sweep.cost import student_cost
+
+    cost = student_cost(trained_run / "model.pt")
+    assert cost["cost/params_M"] > 0 and cost["cost/gflops"] > 0 and cost["cost/images_per_s"] > 0

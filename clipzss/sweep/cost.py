@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from clipzss.bench import model_cost, timeit
+from clipzss.bench.timing import model_cost, timeit
 from clipzss.config import from_dict
 from clipzss.engine.checkpoint import load_model_bundle
 from clipzss.models.students import build_student
@@ -31,5 +31,5 @@ def student_cost(model_file: str | Path, device: str | torch.device = "cpu") -> 
         with torch.no_grad():
             student(batch)
 
-    seconds = timeit(forward, repeat=5)
+    seconds = timeit(forward, torch.device(device), repeat=5)
     return {"cost/params_M": params, "cost/gflops": gflops, "cost/images_per_s": len(batch) / seconds}
