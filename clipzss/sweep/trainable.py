@@ -61,11 +61,11 @@ def restore_latest_checkpoint(output_dir: Path) -> Path | None:
     return target
 
 
-def reattach_mlflow_run(cfg: Config, output_dir: Path) -> None:
-    """A restarted trial keeps exactly one MLflow run (found by parent and run name): with a checkpoint to resume,
-    it continues that run (also from a fresh folder on another node); with none, ``train()`` starts a new run, so
-    the earlier runs of this trial (no checkpointed progress) are deleted, tagged why (MLflow keeps them in its
-    trash)."""
+def reattach_mlflow_run(cfg: Config, output_dir: Path, resumable: bool) -> None:
+    """A restarted trial keeps exactly one MLflow run (found by parent and run name): with a checkpoint to resume
+    (``resumable``) it continues that run (also from a fresh folder on another node); with none, ``train()`` starts
+    a new run, so the earlier runs of this trial (no checkpointed progress) are deleted, tagged why (MLflow keeps
+    them in its trash)."""
     from mlflow.tracking import MlflowClient
 
     if not cfg.tracking.enabled or not cfg.tracking.parent_run_id:
@@ -78,7 +78,7 @@ def reattach_mlflow_run(cfg: Config, output_dir: Path) -> None:
     query = f"tags.mlflow.parentRunId = '{t.parent_run_id}' and tags.`mlflow.runName` = '{t.run_name}'"
     runs = client.search_runs([experiment.experiment_id], query)
     id_file = output_dir / RUN_ID_FILE
-    if latest_checkpoint(output_dir) is None:
+    if not resumable:
         for run in runs:
             client.set_tag(run.info.run_id, "clipzss.stopped", "its trial restarted from scratch in a new run")
             client.delete_run(run.info.run_id)
@@ -121,7 +121,8 @@ def run_trial(
     cfg = trial_config(sample, config, fixed, cell_runs[cell_key(sample)] if cell_runs else parent_run_id)
     output_dir = Path(cfg.run.output_dir)
     restore_latest_checkpoint(output_dir)
-    reattach_mlflow_run(cfg, output_dir)
+    resumable = latest_checkpoint(output_dir) is not None  # decided once: the MLflow run and train() agree
+    reattach_mlflow_run(cfg, output_dir, resumable)
 
     final: list[tuple[dict[str, float], Path | None]] = []
 
@@ -134,7 +135,7 @@ def run_trial(
             _tune_report(metrics, checkpoint)
 
     # The folder is this trial's own: continue whatever it holds (never a sibling folder, never a second run).
-    train(cfg, report=report, resume=latest_checkpoint(output_dir) is not None)
+    train(cfg, report=report, resume=resumable)
     for metrics, checkpoint in final:
         if measure_cost:
             from clipzss.sweep.cost import student_cost
