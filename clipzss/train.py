@@ -175,13 +175,16 @@ class RunState:
     last_eval: dict = field(default_factory=dict)  # the latest evaluate() metrics (with the confusion matrix)
 
 
-def train(cfg: Config, report: Report | None = None, resume: bool = False) -> dict[str, float]:
+def train(cfg: Config, report: Report | None = None, resume: bool = False, complete: bool = False) -> dict[str, float]:
     """Train a CLIP-ZSS student as configured; returns the final ``val/...`` metrics.
 
     Args:
         cfg: the resolved configuration.
         report: called after every evaluation with the flat metrics and the checkpoint just written (Ray Tune).
         resume: continue from the latest checkpoint in ``cfg.run.output_dir`` (exactly: same data, same RNG).
+        complete: with ``resume``, a checkpoint that already reached ``optim.max_iters`` is evaluated again and the
+            run's outputs are written (model.pt, results, MLflow FINISHED) instead of refused: a scheduler retrying
+            a trial that failed after its last checkpoint gets its final result.
 
     Raises:
         RunTerminated: SIGTERM arrived; a checkpoint of the last step was written and MLflow says KILLED.
@@ -197,7 +200,7 @@ def train(cfg: Config, report: Report | None = None, resume: bool = False) -> di
     )
     cfg, output_dir, checkpoint = _choose_run_dir(cfg, resume, accelerator)
     with run_dir_lock(output_dir) if accelerator.is_main_process else nullcontext(), StopRequest() as stop:
-        return _train_in(cfg, accelerator, output_dir, checkpoint, report, stop)
+        return _train_in(cfg, accelerator, output_dir, checkpoint, report, stop, complete)
 
 
 def _choose_run_dir(cfg: Config, resume: bool, accelerator) -> tuple[Config, Path, Path | None]:
@@ -222,14 +225,14 @@ def _choose_run_dir(cfg: Config, resume: bool, accelerator) -> tuple[Config, Pat
 
 
 def _train_in(cfg: Config, accelerator, output_dir: Path, checkpoint: Path | None, report: Report | None,
-              stop: StopRequest):  # fmt: skip
+              stop: StopRequest, complete: bool):  # fmt: skip
     """Build everything, restore ``checkpoint`` if any, and run the loop with tracking (inside the run-dir lock)."""
     from accelerate.utils import set_seed
 
     device = accelerator.device
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
     changes = resume_changes(state["config"], cfg) if state is not None else {}
-    if state is not None and state["step"] >= cfg.optim.max_iters:
+    if state is not None and state["step"] >= cfg.optim.max_iters and not complete:
         raise ResumeError(
             f"--resume: {checkpoint} already reached optim.max_iters={cfg.optim.max_iters}; "
             f"pass optim.max_iters=N (N > {state['step']}) to train further."
@@ -345,6 +348,10 @@ def _loop(run: RunState) -> dict[str, float]:
             saved = saved if checkpointed else _checkpoint(run, sums, losses)
             raise RunTerminated(f"SIGTERM: stopped after step {run.step}, checkpoint {saved}; continue with --resume")
     progress.close()
+    if not final:  # resumed at optim.max_iters (``complete``): the final checkpoint is evaluated again
+        final = _evaluate(run, None)
+        if run.report is not None:
+            run.report(final, latest_checkpoint(run.output_dir))
     if accelerator.is_main_process:
         _finish(run)
     return final
@@ -417,8 +424,9 @@ def _checkpoint(run: RunState, sums: _Sums, losses: dict[str, Tensor]) -> Path |
     return saved
 
 
-def _evaluate(run: RunState, batch: tuple) -> dict[str, float]:
-    """Validate, log the val metrics and (main process) the pictures; returns the flat ``val/...`` metrics."""
+def _evaluate(run: RunState, batch: tuple | None) -> dict[str, float]:
+    """Validate, log the val metrics and (main process) the pictures (pseudo labels of ``batch``, the last training
+    batch, if any); returns the flat ``val/...`` metrics."""
     accelerator, cfg, step = run.accelerator, run.cfg, run.step
     unwrapped: TrainModule = accelerator.unwrap_model(run.model)
     metrics, samples = evaluate(
@@ -448,7 +456,7 @@ def _evaluate(run: RunState, batch: tuple) -> dict[str, float]:
         for i, (image, target, pred) in enumerate(samples):
             panel = prediction_panel(image, target, pred, class_names, run.val_set.unseen_ids)
             _save_picture(panel, images_dir / f"val_{i}_step{step}.png", run.tracker)
-        if unwrapped.objective.plm is not None:
+        if unwrapped.objective.plm is not None and batch is not None:
             images, labels, teacher_out = batch
             for i in range(min(2, len(images))):
                 image, label = images[i].float().cpu().numpy(), labels[i].cpu().numpy()

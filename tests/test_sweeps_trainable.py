@@ -115,3 +115,32 @@ def test_a_trial_asha_stops_ends_killed_with_its_step_and_metrics(assets, tmp_pa
     (child,) = children()
     assert child.info.status == "KILLED" and child.data.tags[STOPPED_EARLY_TAG] == "stopped early at step 2"
     assert "val/hIoU" in child.data.metrics  # its metrics so far are kept (the step is in the tag)
+
+
+def test_a_trial_retried_after_its_final_checkpoint_reports_its_result_again(assets, tmp_path, monkeypatch):
+    fixed, parent, children = _setup(assets, tmp_path, **{"optim.max_iters": 4})
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    from clipzss.sweep import cost
+
+    def broken(*_):
+        raise RuntimeError("cost figures failed")  # what an import error after a refactor once did in CI
+
+    monkeypatch.setattr(cost, "student_cost", broken)
+    first = _session(monkeypatch, _FakeTune(tmp_path / "trial", storage))
+    with pytest.raises(RuntimeError, match="cost figures failed"):
+        trainable.run_trial(SAMPLE, None, fixed, parent.run_id, measure_cost=True)
+    assert [step for step, _ in first.reports] == [2]  # the final result never reached Tune
+
+    # Ray retries the trial in the same folder, which holds the final checkpoint (step 4): no training, no refusal;
+    # the final checkpoint is evaluated again and reported with its cost figures
+    monkeypatch.setattr(cost, "student_cost", lambda *_: {"cost/params_M": 1.0})
+    second = _session(monkeypatch, _FakeTune(tmp_path / "trial", storage, first_index=first.index))
+    trainable.run_trial(SAMPLE, None, fixed, parent.run_id, measure_cost=True)
+    assert second.reports == [(4, ["step_00000004.pt"])]
+    (child,) = children()
+    assert child.info.status == "FINISHED"
+    assert [m.step for m in parent.client.get_metric_history(child.info.run_id, "val/hIoU")] == [2, 4]  # once each
+    experiment = child.info.experiment_id
+    models = parent.client.search_logged_models([experiment], f"source_run_id = '{child.info.run_id}'")
+    assert [m.name for m in models] == ["student"]  # finished twice, logged once

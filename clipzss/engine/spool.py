@@ -63,6 +63,17 @@ def read_journal(path: Path) -> list[dict]:
     return records
 
 
+def _import_ipython_here() -> None:
+    """Import IPython (if installed) in the calling thread, before the delivery thread exists. MLflow imports it
+    lazily while delivering; a first import in that thread leaves a half-built module in ``sys.modules`` that
+    matplotlib reads without the import lock when the training thread draws a picture (``AttributeError: partially
+    initialized module 'IPython' has no attribute 'version_info'``, seen in a sweep trial)."""
+    import importlib.util
+
+    if importlib.util.find_spec("IPython") is not None:
+        import IPython  # noqa: F401
+
+
 class Spool:
     """Journal every tracker call in ``run_dir`` and deliver it to ``sink`` (a Tracker) from a background thread.
 
@@ -90,6 +101,7 @@ class Spool:
         self._closing = False
         self.outage_since: float | None = None
         self._journal = open(self._journal_path, "a")  # noqa: SIM115 - held open for the run's life
+        _import_ipython_here()
         self._thread = threading.Thread(target=self._deliver_forever, name="clipzss-mlflow-spool", daemon=True)
         self._thread.start()
 

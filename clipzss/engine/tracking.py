@@ -248,7 +248,8 @@ class Tracker:
         """Log the student of an exported ``model.pt`` as an MLflow PyTorch model with a signature (images
         [B, 3, H, W] -> R [B, C, h, w]) and, in the model's metadata, its config, alpha and embed_dim (what
         ``clipzss segment --model runs:/...`` reads); returns its URI. A path, not a module: the call is journalled
-        by the spool, and a module fresh from the file is free of a trained one's unpicklable hook state."""
+        by the spool, and a module fresh from the file is free of a trained one's unpicklable hook state. A run that
+        already has a model of that name keeps it (a completed run finished again logs no second copy)."""
         from importlib.metadata import version
 
         import mlflow.pytorch
@@ -260,6 +261,11 @@ class Tracker:
         from clipzss.engine.checkpoint import load_model_bundle
         from clipzss.models.students import build_student
 
+        uri = f"runs:/{self.run_id}/{name}"
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        query = f"name = '{name}' AND source_run_id = '{self.run_id}'"
+        if self.client.search_logged_models([experiment], filter_string=query, max_results=1):
+            return uri
         saved = load_model_bundle(bundle)
         student = build_student(from_dict(saved["config"]).student, saved["embed_dim"])
         student.load_state_dict(saved["student"])
@@ -283,7 +289,7 @@ class Tracker:
                 )
         finally:
             self._mlflow.set_tracking_uri(previous)
-        return f"runs:/{self.run_id}/{name}"
+        return uri
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():

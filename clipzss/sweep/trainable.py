@@ -134,8 +134,9 @@ def run_trial(
         else:
             _tune_report(metrics, checkpoint)
 
-    # The folder is this trial's own: continue whatever it holds (never a sibling folder, never a second run).
-    train(cfg, report=report, resume=resumable)
+    # The folder is this trial's own: continue whatever it holds (never a sibling folder, never a second run); a
+    # retry after the final checkpoint (the trial failed later, e.g. in its cost figures) re-reports its result.
+    train(cfg, report=report, resume=resumable, complete=True)
     for metrics, checkpoint in final:
         if measure_cost:
             from clipzss.sweep.cost import student_cost
