@@ -8,7 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from tiny_run import REPO, tiny_overrides
+from tiny_run import REPO, assert_loads_as_student, tiny_overrides
 
 from clipzss.cli import main as cli
 from clipzss.config import load_config
@@ -78,6 +78,7 @@ def test_the_student_is_an_mlflow_model_that_segment_loads(tracked, tmp_path, ca
     info = mlflow.models.get_model_info(uri)
     assert info.flavors.keys() >= {"pytorch", "python_function"}
     assert info.signature.inputs.inputs[0].shape == (-1, 3, -1, -1)
+    assert_loads_as_student(uri, client.tracking_uri)  # in a user's fresh process too
     student = mlflow.pytorch.load_model(uri)
     reference = OpenVocabSegmenter.from_checkpoint(out / "model.pt")
     images = torch.randn(1, 3, 32, 32)

@@ -65,3 +65,24 @@ def tiny_overrides(assets, out: Path, **extra) -> list[str]:
         **extra,
     }
     return [f"{k}={v}" for k, v in items.items()]
+
+
+def assert_loads_as_student(uri: str, tracking_uri: str) -> None:
+    """``mlflow.pytorch.load_model(uri)`` in a fresh Python process (as a user's script) gives a working student:
+    [1, 3, 32, 32] -> unit-norm features [1, C, 8, 8]."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mlflow, mlflow.pytorch, torch\n"
+        "mlflow.set_tracking_uri(sys.argv[2])\n"
+        "student = mlflow.pytorch.load_model(sys.argv[1], map_location='cpu')\n"
+        "with torch.no_grad():\n"
+        "    out = student(torch.rand(1, 3, 32, 32))\n"
+        "print('FEATURES', tuple(out.shape), float(out.norm(dim=1).mean()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, uri, tracking_uri], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("FEATURES"))
+    shape, norm = line.split(" ", 1)[1].rsplit(" ", 1)
+    assert shape.endswith(", 8, 8)") and shape.startswith("(1, ") and abs(float(norm) - 1) < 1e-4, line

@@ -92,10 +92,7 @@ class OpenVocabSegmenter:
         if "clipzss_config" not in metadata:
             raise ValueError(f"{uri} is not a clipzss student (its MLmodel metadata has no 'clipzss_config')")
         cfg = from_dict(metadata["clipzss_config"])
-        # The weights of the logged module, in a student built here: an unpickled transformers model in a process
-        # that never built one returns no hidden states.
-        student = build_student(cfg.student, int(metadata["embed_dim"]))
-        student.load_state_dict(mlflow.pytorch.load_model(uri, map_location="cpu").state_dict())
+        student = mlflow.pytorch.load_model(uri, map_location="cpu")
         return cls(cfg, student, float(metadata["alpha"]), CLIPTeacher(cfg.teacher), device)
 
     def set_vocabulary(self, class_names: Sequence[str]) -> None:

@@ -88,6 +88,14 @@ class SegformerEncoder(nn.Module):
     def forward(self, images: Tensor) -> list[Tensor]:
         return list(self.model(pixel_values=images, output_hidden_states=True).hidden_states)
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling (``mlflow.pytorch.load_model`` in a fresh process) skips ``PreTrainedModel.__init__``, where
+        transformers 5 registers the class's output recorders; unregistered, the model returns no hidden states."""
+        super().__setstate__(state)
+        from transformers.utils import output_capturing
+
+        output_capturing._CAN_RECORD_REGISTRY[self.model] = self.model._can_record_outputs
+
 
 class TimmFeatures(nn.Module):
     """A timm ``features_only`` network; channels-last outputs (Swin) are returned as [B, C_i, h_i, w_i]."""
