@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sweep_fixtures import private_ray_env, ray_tmpdir, run_script
-from tiny_run import tiny_overrides
+from tiny_run import assert_loads_as_student, tiny_overrides
 
 from clipzss.sweep.table import cell_table, format_markdown, paired, plot_heatmap
 
@@ -90,3 +90,10 @@ def test_benchmark_grid_through_its_script(assets, tmp_path):
         seeds = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{cell.info.run_id}'")
         assert len(seeds) == 2 and all(s.info.status == "FINISHED" for s in seeds)
         assert sorted(s.data.params["run.seed"] for s in seeds) == ["0", "1"]
+    version = client.get_model_version_by_alias("clipzss-clipzss", "grid")  # the best cell's best seed, registered
+    best_cell = parent.data.tags["clipzss.best_cell"].replace("/", " scales ")
+    (cell,) = [c for c in cells if c.info.run_name == best_cell]
+    seeds = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{cell.info.run_id}'")
+    hiou = {s.info.run_id: s.data.metrics["val/hIoU"] for s in seeds}
+    assert hiou[version.run_id] == max(hiou.values())
+    assert_loads_as_student("models:/clipzss-clipzss@grid", client.tracking_uri)

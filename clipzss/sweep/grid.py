@@ -13,9 +13,10 @@ from typing import Any
 from clipzss.config import TrackingConfig
 from clipzss.engine.tracking import Tracker
 from clipzss.sweep.options import SweepOptions
+from clipzss.sweep.registry import default_model_name, register_best
 from clipzss.sweep.runner import Sweep, fit, prepare
 from clipzss.sweep.space import check_space, grid_space
-from clipzss.sweep.summary import METRIC, close_children, print_best, save_best_config
+from clipzss.sweep.summary import METRIC, close_children, print_best, save_best_config, trial_run_name
 from clipzss.sweep.table import COSTS, METRICS, cell_table, format_markdown, plot_heatmap
 from clipzss.sweep.trainable import cell_key
 
@@ -83,11 +84,22 @@ def run_benchmark(opts: SweepOptions) -> dict[str, Any]:
         raise RuntimeError(f"sweep {sweep.name}: no trial finished; first error: {results.errors[:1]!r}")
     reference = tuple(opts.reference.split("/", 1)) if opts.reference else None
     table = cell_table(records, reference)
-    return _report(sweep, cells, table, len(results) - len(records))
+    seeds_by_cell: dict[str, list[tuple[str, float]]] = {}
+    for r in results:
+        if not r.error and r.metrics and METRIC in r.metrics:
+            seeds_by_cell.setdefault(cell_key(r.config), []).append((trial_run_name(r), r.metrics[METRIC]))
+    report = _report(sweep, cells, table, len(results) - len(records))
+    if sweep.parent:
+        best_seeds = sorted(seeds_by_cell.get(cell_key(report["best_cell"]), []), key=lambda t: -t[1])
+        model = opts.register_as or default_model_name(sweep.base.tracking.experiment)
+        report["registered"] = register_best(sweep.parent, [c.run_id for c in cells.values()], best_seeds, model,
+                                             sweep.name)  # fmt: skip
+    _finish(sweep, cells)
+    return report
 
 
 def _report(sweep: Sweep, cells: dict[str, Tracker], table: dict[str, list], failed: int) -> dict[str, Any]:
-    """Write, print and log the table, the heatmap and the best cell; close the runs."""
+    """Write, print and log the table, the heatmap and the best cell."""
     text = format_markdown(table)
     sweep.local_dir.mkdir(parents=True, exist_ok=True)
     (sweep.local_dir / "benchmark.md").write_text(text + "\n")
@@ -107,7 +119,6 @@ def _report(sweep: Sweep, cells: dict[str, Tracker], table: dict[str, list], fai
         parent.log_metrics({f"best/{METRIC}": value, "failed_trials": failed}, step=0)
         parent.set_tags({"clipzss.best_cell": cell_key(sample), "clipzss.retrain": command})
         _log_cells(cells, table)
-        _finish(sweep, cells)
     parent_id = sweep.parent.run_id if sweep.parent else ""
     return {"name": sweep.name, "path": str(sweep.local_dir), "table": table, "markdown": text, "best_cell": sample,
             "best_value": value, "retrain": command, "parent_run_id": parent_id}  # fmt: skip

@@ -42,6 +42,7 @@ class SweepOptions:
     grace_period: int = 2  # TPE search: evaluations before ASHA may stop a trial
     seeds: int = 3  # benchmark grid: seeds per cell
     reference: str = ""  # benchmark grid: "arch/scales" of the cell others are compared with ("" = the first)
+    register_as: str = ""  # registered MLflow model the best trial's student is added to ("" = clipzss-<experiment>)
 
 
 def add_common_arguments(p: argparse.ArgumentParser, default_name: str) -> None:
@@ -59,6 +60,12 @@ def add_common_arguments(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--address", default="", help="'auto' to join the running cluster (under `ray submit`)")
     p.add_argument("--max-failures", type=int, default=1, help="restarts of a failed trial from its checkpoint")
     p.add_argument("--smoke", action="store_true", help="tiny CPU trials of a few steps: proves the whole path")
+    p.add_argument(
+        "--register-as",
+        default="",
+        help="MLflow registered model for the best student "
+        "(default clipzss-<experiment>; one version per sweep, aliased with the sweep name)",
+    )
 
 
 def common_options(a: argparse.Namespace, **extra) -> SweepOptions:
@@ -82,5 +89,6 @@ def common_options(a: argparse.Namespace, **extra) -> SweepOptions:
         scales=tuple(a.scales) if a.scales else (SMOKE_SCALES if smoke else SCALES),
         max_failures=a.max_failures,
         smoke=smoke,
+        register_as=a.register_as,
         **extra,
     )

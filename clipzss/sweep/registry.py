@@ -1,0 +1,68 @@
+"""The best model of a sweep, registered in MLflow's model registry.
+
+Each finished sweep adds one version to a registered model (by default ``clipzss-<experiment>``): the logged
+``student`` of its best trial that trained to the end (an ASHA-stopped trial logs no model). The version carries the
+sweep, the trial's run and its ``val/hIoU`` as tags, and an alias named after the sweep, so
+``models:/<model>@<sweep>`` loads it (``clipzss segment --model models:/...``, ``mlflow.pytorch.load_model``).
+"""
+
+from __future__ import annotations
+
+import re
+
+from clipzss.engine.tracking import Tracker
+
+STUDENT = "student"  # the name training logs its model under (Tracker.log_student)
+
+
+def default_model_name(experiment: str) -> str:
+    return f"clipzss-{experiment}"
+
+
+def alias_for(sweep_name: str) -> str:
+    """An MLflow alias from a sweep name (letters, digits, ``_`` and ``-``; never ``v<N>`` or ``latest``)."""
+    alias = re.sub(r"[^\w-]", "_", sweep_name)
+    return alias if not re.fullmatch(r"v\d+|latest", alias, flags=re.IGNORECASE) else f"sweep_{alias}"
+
+
+def register_best(
+    parent: Tracker,
+    parents: list[str],
+    ranked_runs: list[tuple[str, float]],
+    model_name: str,
+    sweep_name: str,
+) -> str | None:
+    """Register the first of ``ranked_runs`` (child run name, ``val/hIoU``; best first, nested under one of
+    ``parents``) that logged a student; returns its ``models:/<name>@<alias>`` URI, or None when none did."""
+    client = parent.client
+    experiment = client.get_run(parent.run_id).info.experiment_id
+    runs = {}
+    for parent_id in parents:
+        for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'"):
+            runs.setdefault(run.info.run_name, run.info.run_id)
+    for run_name, value in ranked_runs:
+        run_id = runs.get(run_name)
+        if run_id is None:
+            continue
+        query = f"name = '{STUDENT}' AND source_run_id = '{run_id}'"
+        logged = client.search_logged_models([experiment], filter_string=query, max_results=1)
+        if not logged:
+            continue  # stopped early: it never exported a model
+        if not client.search_registered_models(f"name = '{model_name}'"):
+            client.create_registered_model(model_name, description="CLIP-ZSS students, the best of each sweep")
+        version = client.create_model_version(
+            model_name,
+            source=logged[0].model_uri,
+            run_id=run_id,
+            model_id=logged[0].model_id,
+            tags={"clipzss.sweep": sweep_name, "clipzss.trial_run": run_name, "val/hIoU": f"{value:.2f}"},
+            description=f"best of sweep {sweep_name}: {run_name}, val/hIoU {value:.2f}",
+        )
+        alias = alias_for(sweep_name)
+        client.set_registered_model_alias(model_name, alias, version.version)
+        uri = f"models:/{model_name}@{alias}"
+        parent.set_tags({"clipzss.registered_model": uri})
+        print(f"registered {run_name} as {model_name} version {version.version}: {uri}")
+        return uri
+    print(f"no trial of sweep {sweep_name} logged a model; nothing registered")
+    return None
