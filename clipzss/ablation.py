@@ -103,13 +103,13 @@ def _jobs(arms: list[str], seeds: int, root: Path, quick: bool, overrides: list[
             yield arm, seed, out, run_overrides
 
 
-def train_job(overrides: list[str], threads: int = 0) -> dict[str, float]:
-    """One arm x seed: a real ``train()`` on the synthetic preset (in a worker process when ``threads`` > 0)."""
+def train_job(overrides: list[str], threads: int = 0, config: str = "synthetic") -> dict[str, float]:
+    """One arm x seed: a real ``train()`` on the ``config`` preset (in a worker process when ``threads`` > 0)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    return train(load_config("synthetic", overrides))
+    return train(load_config(config, overrides))
 
 
 def _train_all(jobs: list[tuple], workers: int) -> list[dict[str, float]]:

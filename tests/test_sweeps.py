@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from sweep_fixtures import private_ray_env, ray_tmpdir, run_script
-from tiny_run import tiny_overrides
+from tiny_run import assert_loads_as_student, tiny_overrides
 
 from clipzss.config import load_config
 
@@ -111,6 +111,14 @@ def test_smoke_sweep_two_trials_nested_in_mlflow(assets, tmp_path):
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
     assert {"optuna/optimization_history.png", "optuna/parallel_coordinate.png"} <= plots
 
+    # the best trial's student is a version of a registered model, aliased with the sweep's name, and loads
+    uri = parent.data.tags["clipzss.registered_model"]
+    assert uri == "models:/clipzss-clipzss@smoke" and uri in done.stdout
+    version = client.get_model_version_by_alias("clipzss-clipzss", "smoke")
+    best = {c.info.run_id: max(m.value for m in client.get_metric_history(c.info.run_id, METRIC)) for c in children}
+    assert best[version.run_id] == max(best.values()) and version.tags["clipzss.sweep"] == "smoke"
+    assert_loads_as_student(uri, client.tracking_uri)
+
 
 def test_a_sweep_joined_with_address_hands_the_clusters_mlflow_server_to_its_trials(monkeypatch, tmp_path):
     from clipzss.sweep import endpoints, runner
@@ -131,3 +139,18 @@ def test_the_benchmark_cost_columns_of_a_trained_student(trained_run):
 
     cost = student_cost(trained_run / "model.pt")
     assert cost["cost/params_M"] > 0 and cost["cost/gflops"] > 0 and cost["cost/images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_the_overhead_benchmark_times_the_same_trials_both_ways(assets, tmp_path):
+    ray_tmp = ray_tmpdir()
+    sets = [arg for item in tiny_overrides(assets, tmp_path / "unused") for arg in ("--set", item)]
+    args = ["--config", "voc", "--steps", "2", "--workdir", str(tmp_path / "w"), *sets]
+    done = run_script("overhead.py", args, tmp_path, private_ray_env(ray_tmp))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| sweep (TPE + ASHA, private Ray) |" in done.stdout and "sweep overhead: " in done.stdout
+    for run in ("direct_1", "direct_2"):  # each direct run trained both trials to the end, as the sweep did
+        assert sorted(p.parent.name for p in (tmp_path / "w" / run).glob("*/model.pt")) == ["trial0", "trial1"]
+    finished = [load_config(str(c)) for c in (tmp_path / "w" / "ray").glob("overhead_*/*/config.yaml")]
+    assert sorted(c.plm.kmeans.scales for c in finished) == [(2,), (2, 4)]
