@@ -1,6 +1,7 @@
 """Pictures: colours that agree with colour names, ignored pixels drawn as ignored, the PLM's own pseudo labels."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -70,3 +71,20 @@ def test_plm_stages_give_the_objectives_pseudo_labels():
         ]
     picture = plm_panel(np.zeros((3, 32, 32), np.float32), labels[0].numpy(), dense[0], cfg.plm.kmeans, ["a", "b", "c"])
     assert picture.shape[1] >= 1500  # six titled panels
+
+
+def test_non_latin_class_names_are_drawn_in_a_fallback_font_not_as_boxes(monkeypatch):
+    from clipzss.engine import visualize
+
+    if visualize.undrawable(["猫"]):  # .ci/install installs Debian's fonts-droid-fallback
+        pytest.skip("NO CJK FONT INSTALLED: install fonts-droid-fallback (or fonts-noto-cjk) to run this test")
+    grey = np.full((16, 16, 3), 128, dtype=np.uint8)
+
+    def legend_picture(name):
+        return visualize.render([("image", grey)], [(name, (200, 40, 40))])
+
+    assert not np.array_equal(legend_picture("猫"), legend_picture("犬"))  # real glyphs differ; boxes would not
+    monkeypatch.setattr(visualize, "font_family", lambda: ["DejaVu Sans"])  # the check can fail: without fallback
+    with pytest.warns(UserWarning, match="no installed font draws"):
+        boxes = legend_picture("猫")
+    assert np.array_equal(boxes, legend_picture("犬"))  # both are .notdef boxes

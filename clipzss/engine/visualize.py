@@ -9,7 +9,10 @@ viewer shows them readable at their natural size.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -35,6 +38,9 @@ COLOUR_WORDS: dict[str, tuple[int, int, int]] = {
     "gray": (150, 150, 150),
 }
 Legend = list[tuple[str, tuple[int, int, int]]]
+# Fonts tried, in order, for characters DejaVu Sans lacks (class names in other scripts).
+FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Droid Sans Fallback", "WenQuanYi Zen Hei", "Noto Sans")
+_WARNED: set[str] = set()
 
 
 def pascal_palette(n: int) -> np.ndarray:
@@ -88,21 +94,64 @@ def render(panels: Sequence[tuple[str, np.ndarray]], legend: Legend, title: str 
     """A row of titled RGB panels with a legend below them, as an RGB uint8 picture (~300 px per panel)."""
     from matplotlib.patches import Patch
 
-    longest = max((len(n) for n, _ in legend), default=1)
-    columns = max(1, min(len(legend), int(3 * len(panels) / (0.6 + 0.085 * longest))))  # entries fit the width
-    legend_rows = -(-len(legend) // columns)
-    fig = _figure((3 * len(panels), 3.4 + 0.25 * legend_rows))
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    for ax, (name, picture) in zip(axes[0], panels, strict=True):
-        ax.imshow(picture, interpolation="nearest")
-        ax.set_title(name, fontsize=11)
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=12)
-    handles = [Patch(facecolor=np.asarray(c) / 255, edgecolor="black", label=n) for n, c in legend]
-    fig.legend(handles=handles, loc="lower center", ncols=columns, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.27 * legend_rows / (3.4 + 0.25 * legend_rows) + 0.02, 1, 1))
-    return _pixels(fig)
+    with text_fonts([n for n, _ in legend] + [n for n, _ in panels] + [title]):
+        longest = max((len(n) for n, _ in legend), default=1)
+        columns = max(1, min(len(legend), int(3 * len(panels) / (0.6 + 0.085 * longest))))  # entries fit the width
+        legend_rows = -(-len(legend) // columns)
+        fig = _figure((3 * len(panels), 3.4 + 0.25 * legend_rows))
+        axes = fig.subplots(1, len(panels), squeeze=False)
+        for ax, (name, picture) in zip(axes[0], panels, strict=True):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(name, fontsize=11)
+            ax.axis("off")
+        if title:
+            fig.suptitle(title, fontsize=12)
+        handles = [Patch(facecolor=np.asarray(c) / 255, edgecolor="black", label=n) for n, c in legend]
+        fig.legend(handles=handles, loc="lower center", ncols=columns, fontsize=9, frameon=False)
+        fig.tight_layout(rect=(0, 0.27 * legend_rows / (3.4 + 0.25 * legend_rows) + 0.02, 1, 1))
+        return _pixels(fig)
+
+
+def font_family() -> list[str]:
+    """Matplotlib's default font, then the installed fonts for other scripts (CJK...): matplotlib draws each glyph
+    in the first font of the list that has it."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed)]
+
+
+@functools.cache
+def _drawable_characters(family: tuple[str, ...]) -> frozenset[int]:
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    paths = {f.fname for f in font_manager.fontManager.ttflist if f.name in family}
+    return frozenset(code for path in paths for code in FT2Font(path).get_charmap())
+
+
+def undrawable(texts: Sequence[str]) -> dict[str, str]:
+    """The texts with characters no font of :func:`font_family` has (they would show as boxes): text -> those."""
+    known = _drawable_characters(tuple(font_family()))
+    missing = {t: "".join(sorted({c for c in t if not c.isspace() and ord(c) not in known})) for t in texts}
+    return {t: chars for t, chars in missing.items() if chars}
+
+
+@contextmanager
+def text_fonts(texts: Sequence[str]):
+    """Draw inside with the fallback fonts; warn (once per text) about characters no installed font has."""
+    import matplotlib
+
+    for text, chars in undrawable(texts).items():
+        if text not in _WARNED:
+            _WARNED.add(text)
+            warnings.warn(
+                f"{text!r}: no installed font draws {chars!r}, so it shows as boxes in pictures; install a font for "
+                "that script (Debian: fonts-noto-cjk or fonts-droid-fallback for Chinese/Japanese/Korean)",
+                stacklevel=3,
+            )
+    with matplotlib.rc_context({"font.family": font_family()}):
+        yield
 
 
 def _figure(size: tuple[float, float]):
@@ -229,15 +278,16 @@ def confusion_picture(matrix: np.ndarray, names: Sequence[str], unseen_ids: Sequ
     rows = rows / np.maximum(rows.sum(1, keepdims=True), 1)
     labels = [f"{name}*" if i in set(unseen_ids) else name for i, name in enumerate(names)]
     side = max(4.0, 0.28 * len(names) + 2)
-    fig = _figure((side + 1, side))
-    ax = fig.subplots()
-    image = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1)
-    if len(names) <= 60:
-        ax.set_xticks(range(len(names)), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(names)), labels, fontsize=7)
-    ax.set_xlabel("prediction")
-    ax.set_ylabel("ground truth (* unseen)")
-    ax.set_title("confusion, rows normalised")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    return _pixels(fig)
+    with text_fonts(labels):
+        fig = _figure((side + 1, side))
+        ax = fig.subplots()
+        image = ax.imshow(rows, cmap="viridis", vmin=0, vmax=1)
+        if len(names) <= 60:
+            ax.set_xticks(range(len(names)), labels, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(names)), labels, fontsize=7)
+        ax.set_xlabel("prediction")
+        ax.set_ylabel("ground truth (* unseen)")
+        ax.set_title("confusion, rows normalised")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        return _pixels(fig)
