@@ -71,6 +71,14 @@ def test_a_bad_search_value_names_its_key():
         space.check_space("synthetic", [], space.search_space(base, ("segformer_b0",), ("4,x",)))
 
 
+def test_a_sweep_name_becomes_a_valid_registry_alias():
+    from clipzss.sweep.registry import alias_for
+
+    assert alias_for("backbones_20261201_031500") == "backbones_20261201_031500"
+    assert alias_for("my sweep.v2") == "my_sweep_v2"
+    assert alias_for("v3") == "sweep_v3" and alias_for("latest") == "sweep_latest"  # names MLflow reserves
+
+
 def test_smoke_sweep_two_trials_nested_in_mlflow(assets, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -48,8 +48,7 @@ def register_best(
         logged = client.search_logged_models([experiment], filter_string=query, max_results=1)
         if not logged:
             continue  # stopped early: it never exported a model
-        if not client.search_registered_models(f"name = '{model_name}'"):
-            client.create_registered_model(model_name, description="CLIP-ZSS students, the best of each sweep")
+        _ensure_registered_model(client, model_name)
         version = client.create_model_version(
             model_name,
             source=logged[0].model_uri,
@@ -66,3 +65,14 @@ def register_best(
         return uri
     print(f"no trial of sweep {sweep_name} logged a model; nothing registered")
     return None
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    """Create the registered model unless it exists (another sweep may create it at the same moment)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="CLIP-ZSS students: the best of each sweep")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
