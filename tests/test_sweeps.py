@@ -85,8 +85,10 @@ def test_smoke_sweep_two_trials_nested_in_mlflow(assets, tmp_path):
     ray_tmp = ray_tmpdir()
     sets = [arg for item in tiny_overrides(assets, tmp_path / "unused") for arg in ("--set", item)]
     args = ["--smoke", "--config", "voc", "--storage", str(tmp_path / "ray"), "--name", "smoke", *sets]
+    env = private_ray_env(ray_tmp)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'elsewhere.db'}"  # a user's shell naming another store
     start = time.perf_counter()
-    done = run_script("backbones.py", args, tmp_path, private_ray_env(ray_tmp))
+    done = run_script("backbones.py", args, tmp_path, env)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     print(f"smoke sweep: {time.perf_counter() - start:.1f} s")

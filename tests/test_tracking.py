@@ -71,9 +71,10 @@ def test_pictures_are_plain_named_artifacts(tracked):
     assert not any("+" in name or name.endswith(".webp") for name in images)
 
 
-def test_the_student_is_an_mlflow_model_that_segment_loads(tracked, tmp_path, capsys):
+def test_the_student_is_an_mlflow_model_that_segment_loads(tracked, tmp_path, capsys, monkeypatch):
     client, run, out = tracked
     uri = f"runs:/{run.info.run_id}/student"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)  # restored after the test (later subprocesses)
     mlflow.set_tracking_uri(client.tracking_uri)
     info = mlflow.models.get_model_info(uri)
     assert info.flavors.keys() >= {"pytorch", "python_function"}
@@ -104,13 +105,14 @@ def test_segment_warns_which_names_a_small_teacher_knows(tracked, capsys):
     assert "'cat'" in err and "red striped, red dotted" in err and "'red striped'" not in err
 
 
-def test_table_columns_lose_their_dots_which_the_ui_shows_blank(tmp_path):
+def test_table_columns_lose_their_dots_which_the_ui_shows_blank(tmp_path, monkeypatch):
     cfg = load_config(None, [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
     tracker = Tracker(cfg.tracking, tmp_path / "run", run_name="table")
     tracker.log_table({"optim.lr": [0.1], "val/hIoU": [12.345678]}, "trials.json")
     with pytest.raises(ValueError, match="collide"):
         tracker.log_table({"optim.lr": [0.1], "optim/lr": [0.2]}, "bad.json")
     tracker.finish()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.uri)  # restored after the test (later subprocesses)
     mlflow.set_tracking_uri(tracker.uri)
     mlflow.set_experiment("clipzss")
     table = mlflow.load_table("trials.json", run_ids=[tracker.run_id])

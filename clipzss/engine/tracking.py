@@ -275,21 +275,35 @@ class Tracker:
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, extra["embed_dim"], -1, -1), "features")]),
         )
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"clipzss=={version('clipzss')}"]
-        previous = self._mlflow.get_tracking_uri()
+        with (
+            self.as_current_store(),
+            self._mlflow.start_run(run_id=self.run_id, nested=self._mlflow.active_run() is not None),
+        ):
+            mlflow.pytorch.log_model(
+                student.eval(),
+                name=name,
+                signature=signature,
+                metadata={"clipzss_config": saved["config"], **extra},
+                pip_requirements=requirements,
+                serialization_format="pickle",  # "pt2" (a traced graph) would need an example input
+            )
+        return uri
+
+    @contextmanager
+    def as_current_store(self):
+        """Make this run's store MLflow's current one inside (for the fluent APIs, and the registry, which resolves a
+        logged model in the current store); then restore the previous one, and ``MLFLOW_TRACKING_URI``, which
+        ``mlflow.set_tracking_uri`` also sets (child processes would inherit it)."""
+        previous, variable = self._mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
         self._mlflow.set_tracking_uri(self.uri)
         try:
-            with self._mlflow.start_run(run_id=self.run_id, nested=self._mlflow.active_run() is not None):
-                mlflow.pytorch.log_model(
-                    student.eval(),
-                    name=name,
-                    signature=signature,
-                    metadata={"clipzss_config": saved["config"], **extra},
-                    pip_requirements=requirements,
-                    serialization_format="pickle",  # "pt2" (a traced graph) would need an example input
-                )
+            yield
         finally:
             self._mlflow.set_tracking_uri(previous)
-        return uri
+            if variable is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = variable
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():

@@ -49,14 +49,15 @@ def register_best(
         if not logged:
             continue  # stopped early: it never exported a model
         _ensure_registered_model(client, model_name)
-        version = client.create_model_version(
-            model_name,
-            source=logged[0].model_uri,
-            run_id=run_id,
-            model_id=logged[0].model_id,
-            tags={"clipzss.sweep": sweep_name, "clipzss.trial_run": run_name, "val/hIoU": f"{value:.2f}"},
-            description=f"best of sweep {sweep_name}: {run_name}, val/hIoU {value:.2f}",
-        )
+        with parent.as_current_store():  # the registry looks the logged model up in MLflow's current store
+            version = client.create_model_version(
+                model_name,
+                source=logged[0].model_uri,
+                run_id=run_id,
+                model_id=logged[0].model_id,
+                tags={"clipzss.sweep": sweep_name, "clipzss.trial_run": run_name, "val/hIoU": f"{value:.2f}"},
+                description=f"best of sweep {sweep_name}: {run_name}, val/hIoU {value:.2f}",
+            )
         alias = alias_for(sweep_name)
         client.set_registered_model_alias(model_name, alias, version.version)
         uri = f"models:/{model_name}@{alias}"
