@@ -133,6 +133,9 @@ class PLMConfig:
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
     synthesizer: SynthesizerConfig = field(default_factory=SynthesizerConfig)
     nel_weight: float = 0.0  # w_nel (focal x100 + dice inside, ZegCLIP); 0: with fixed scales it kept |cos(R,T)|<0.07
+    # [choice] a learnable logit bias inside NEL's sigmoid, started at the focal-loss prior -log((1 - 0.01) / 0.01)
+    # (RetinaNet): negatives no longer need cos(R, T) < 0 to be "absent" (without it NEL kept |cos| < 0.07)
+    nel_learnable_bias: bool = False
     ce_weight: float = 1.0  # [choice] w_ce
     bce_weight: float = 1.0  # [choice] weight of the synthesizer's text loss (plm.synthesizer.loss)
     # "separate": CE / NEL averaged over seen-label and potential-label parts apart, summed with potential_weight

@@ -183,3 +183,30 @@ def test_synthesizer_is_trained_by_its_text_loss_only():
     assert "bce" not in losses
     losses["total"].backward()
     assert all(p.grad is None for p in objective.plm.synthesizer.parameters())
+
+
+def test_a_learnable_nel_bias_lets_features_align_with_their_text():
+    """Without a bias, NEL's sigmoid calls a class absent only at cos(R, T) < 0, so fitting every negative of 20
+    classes holds R away from its own text too (the audit: |cos| < 0.07 in training); a learnable bias
+    (plm.nel_learnable_bias) moves the decision point and frees R to align with its text."""
+    classes, dim = 20, 32
+    torch.manual_seed(0)
+    text = F.normalize(torch.randn(classes, dim), dim=-1)
+    labels = torch.arange(classes).repeat_interleave(8).view(1, 1, -1).expand(1, 4, classes * 8)  # 8 px per class
+
+    def fitted(*overrides):
+        cfg = make_cfg("plm.enabled=false", "glm.weight=0", "plm.ce_weight=0", *overrides)
+        objective = CLIPZSSObjective(cfg, text)
+        R = torch.randn(1, dim, 4, classes * 8, requires_grad=True)
+        optimizer = torch.optim.Adam([R, *objective.parameters()], lr=0.05)
+        for _ in range(600):
+            optimizer.zero_grad()
+            objective(F.normalize(R, dim=1), None, labels)[0]["total"].backward()
+            optimizer.step()
+        own = text[labels[0]].permute(2, 0, 1)  # [C, 4, W]: each pixel's own text
+        return float((F.normalize(R.detach(), dim=1)[0] * own).sum(0).mean()), objective
+
+    without, _ = fitted()
+    aligned, objective = fitted("plm.nel_learnable_bias=true")
+    assert without < 0.3 and aligned > 0.6, (without, aligned)
+    assert objective.nel_bias.item() < -4.6  # it moved down from the focal prior logit -4.595

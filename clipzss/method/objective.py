@@ -27,6 +27,8 @@ from clipzss.method.pseudo_labels import IGNORE_INDEX
 if TYPE_CHECKING:
     from clipzss.models.teacher import TeacherOutput
 
+NEL_PRIOR = 0.01  # plm.nel_learnable_bias starts at the focal-loss prior logit (Lin et al., RetinaNet, 2017)
+
 
 def seen_logits(R: Tensor, text: Tensor, alpha: Tensor | float) -> Tensor:
     """Class logits alpha * cos(R, T), used for training (seen classes) and inference (any vocabulary).
@@ -58,6 +60,8 @@ class CLIPZSSObjective(nn.Module):
         self.glm = GlobalLoss(embed_dim, cfg.glm.tau, cfg.glm.bank_size) if cfg.glm.weight > 0 else None
         self.plm = PixelLearning(cfg.plm, embed_dim) if cfg.plm.enabled else None
         self.nel = NonMutuallyExclusiveLoss() if cfg.plm.nel_weight > 0 else None
+        if self.nel is not None and cfg.plm.nel_learnable_bias:
+            self.nel_bias = nn.Parameter(torch.tensor(-math.log((1 - NEL_PRIOR) / NEL_PRIOR)))
         if cfg.loss.learnable_scale:
             self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.loss.alpha)))
             self.log_beta = nn.Parameter(torch.tensor(math.log(cfg.loss.beta)))
@@ -105,6 +109,8 @@ class CLIPZSSObjective(nn.Module):
         alpha, beta = self.scales()
         losses: dict[str, Tensor] = {}
         report: dict[str, Tensor] = {"scale/alpha": alpha.detach(), "scale/beta": beta.detach()}
+        if self.nel is not None and cfg.plm.nel_learnable_bias:
+            report["scale/nel_bias"] = self.nel_bias.detach()
         if self.glm is not None:
             S = teacher.cls
             rank, _ = world_info()
@@ -138,13 +144,14 @@ class CLIPZSSObjective(nn.Module):
         separate = cfg.loss_norm == "separate"
         losses: dict[str, Tensor] = {}
         if self.nel is not None:
+            z = x + self.nel_bias if cfg.nel_learnable_bias else x  # NEL's sigmoid only (softmax CE is shift-free)
             if separate:
                 is_seen = torch.arange(x.shape[1], device=x.device) < num_seen  # [N]
-                losses["nel"] = self.nel(x, target, valid & is_seen) + cfg.potential_weight * self.nel(
-                    x, target, valid & ~is_seen
+                losses["nel"] = self.nel(z, target, valid & is_seen) + cfg.potential_weight * self.nel(
+                    z, target, valid & ~is_seen
                 )
             else:
-                losses["nel"] = self.nel(x, target, valid)
+                losses["nel"] = self.nel(z, target, valid)
         if cfg.ce_weight > 0:
             masked = x.float().masked_fill(~valid[:, :, None, None], float("-inf"))  # padded channels never win
             ce = F.cross_entropy(masked, target, ignore_index=IGNORE_INDEX, reduction="none")  # [B, H, W], 0 on 255
