@@ -117,3 +117,21 @@ def test_table_columns_lose_their_dots_which_the_ui_shows_blank(tmp_path, monkey
     mlflow.set_experiment("clipzss")
     table = mlflow.load_table("trials.json", run_ids=[tracker.run_id])
     assert list(table.columns) == ["optim/lr", "val/hIoU"] and table["val/hIoU"][0] == 12.346
+
+
+def _open_store(uri: str, folder: str) -> str:
+    return Tracker(load_config(None, [f"tracking.uri={uri}"]).tracking, folder, run_name="concurrent").run_id
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_get_their_run(tmp_path):
+    """MLflow builds a new SQLite file's schema on first use; processes doing that at once used to fail
+    ("duplicate column name: step"), e.g. the two direct runs of sweeps/overhead.py."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        ids = list(pool.map(_open_store, [uri] * 4, [str(tmp_path / f"run{i}") for i in range(4)]))
+    client = MlflowClient(tracking_uri=uri)
+    (experiment,) = client.search_experiments(filter_string="name = 'clipzss'")
+    assert len(set(ids)) == 4 and len(client.search_runs([experiment.experiment_id])) == 4

@@ -1,4 +1,5 @@
-"""One process at a time in a run directory: an advisory ``flock`` on ``<run>/.lock``.
+"""One process at a time in a run directory: an advisory ``flock`` on ``<run>/.lock`` (and :func:`waiting_lock`,
+the blocking kind, for a short critical section shared by processes).
 
 The kernel drops the lock when its holder exits in any way (kill -9 included), so a crashed run never leaves a
 stale lock behind. The file records who holds it (pid, host, start time) for the message the next comer reads.
@@ -46,3 +47,16 @@ def run_dir_lock(output_dir: str | Path) -> Iterator[Path]:
         yield path
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextmanager
+def waiting_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the body, waiting for other holders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

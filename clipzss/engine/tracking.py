@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clipzss.config import Config, TrackingConfig
+from clipzss.engine.run_lock import waiting_lock
 from clipzss.paths import resolve_path
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -126,6 +127,15 @@ def quick_http():
                 os.environ[key] = value
 
 
+def _store_opening(uri: str):
+    """For a SQLite store, one process at a time opens it: MLflow creates a new file's schema (and the experiment) on
+    first use, and two processes doing that at once fail ("duplicate column name")."""
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    database = Path(uri[len("sqlite:///") :])
+    return waiting_lock(database.with_name(database.name + ".lock"))
+
+
 class Tracker:
     """A thin, explicit MLflow client for one run (a training run, or the parent of an ablation or a sweep)."""
 
@@ -151,7 +161,7 @@ class Tracker:
 
         self.uri = cfg.uri or default_uri()
         self.output_dir = Path(output_dir)
-        with quick_http():
+        with quick_http(), _store_opening(self.uri):
             try:
                 self.client = MlflowClient(tracking_uri=self.uri)
                 experiment_id = self._experiment(cfg.experiment)
