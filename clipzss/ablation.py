@@ -16,6 +16,8 @@ Runs can train several at a time in subprocesses (``jobs``), e.g. on a many-core
 from __future__ import annotations
 
 import shutil
+import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,12 @@ ARMS: dict[str, list[str]] = {
 }
 METRICS = ("pAcc", "mIoU_S", "mIoU_U", "hIoU")
 PARENT_DIR = "_parent"  # holds the id of the latest parent run (replaced by every invocation)
+
+
+class AblationError(RuntimeError):
+    """Some runs of an ablation failed; the table of those that finished was still written and logged."""
+
+
 QUICK = [
     "optim.max_iters=4",
     "optim.warmup_iters=1",
@@ -112,13 +120,16 @@ def train_job(overrides: list[str], threads: int = 0, config: str = "synthetic")
     return train(load_config(config, overrides))
 
 
-def _train_all(jobs: list[tuple], workers: int) -> list[dict[str, float]]:
-    """Run every job, ``workers`` at a time in spawned subprocesses (each with its share of the CPU threads)."""
+def _train_all(jobs: list[tuple], workers: int) -> list[dict[str, float] | Exception]:
+    """Run every job, ``workers`` at a time in spawned subprocesses (each with its share of the CPU threads).
+
+    A job that raises does not stop the others: its exception takes its place in the returned list.
+    """
     if workers <= 1:
         results = []
         for arm, seed, _, overrides in jobs:
             print(f"\n=== ablation: {arm}, seed {seed} ===")
-            results.append(train_job(overrides))
+            results.append(_outcome(arm, seed, lambda o=overrides: train_job(o)))
         return results
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -132,9 +143,19 @@ def _train_all(jobs: list[tuple], workers: int) -> list[dict[str, float]]:
         futures = [pool.submit(train_job, overrides, threads) for *_, overrides in jobs]
         results = []
         for (arm, seed, *_), future in zip(jobs, futures, strict=True):
-            results.append(future.result())
+            results.append(_outcome(arm, seed, future.result))
             print(f"ablation: {arm}, seed {seed} done ({len(results)}/{len(jobs)})")
         return results
+
+
+def _outcome(arm: str, seed: int, run) -> dict[str, float] | Exception:
+    """``run()``'s final metrics, or the exception it raised (reported here; Ctrl-C still stops everything)."""
+    try:
+        return run()
+    except Exception as e:
+        traceback.print_exception(e)  # a worker's exception carries the worker's traceback
+        print(f"ablation: {arm}, seed {seed} FAILED: {type(e).__name__}: {e}", file=sys.stderr)
+        return e
 
 
 def run_ablation(
@@ -175,21 +196,31 @@ def run_ablation(
         if parent:
             parent.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    for (arm, *_), final in zip(planned, finals, strict=True):
-        results[arm].append(final)
-    table = summarise(results)
-    text = format_markdown(table)
+    failed = []
+    for (arm, seed, *_), final in zip(planned, finals, strict=True):
+        if isinstance(final, Exception):
+            failed.append(f"{arm} seed {seed} ({type(final).__name__}: {final})")
+        else:
+            results[arm].append(final)
+    table = summarise({arm: runs for arm, runs in results.items() if runs})
+    text = format_markdown(table) + "".join(f"\n\nfailed: {f}" for f in failed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "ablation.md").write_text(text + "\n")
     figure = plot_table(table, root / "ablation.png")
     print("\n" + text)
     if parent:
         for arm, _, out, _ in planned:  # the arm as a param: MLflow groups and compares runs by it
-            parent.client.log_param((out / RUN_ID_FILE).read_text().strip(), "arm", arm)
+            if (out / RUN_ID_FILE).is_file():  # a run that failed before tracking started has none
+                parent.client.log_param((out / RUN_ID_FILE).read_text().strip(), "arm", arm)
         parent.log_table(table, "ablation.json")
         parent.log_artifact(root / "ablation.md")
         parent.log_artifact(figure)
-        parent.finish()
+        parent.finish("FAILED" if failed else "FINISHED")
+    if failed:
+        raise AblationError(
+            f"{len(failed)} of {len(planned)} runs failed: " + "; ".join(failed) + f". The table of the others is in "
+            f"{root / 'ablation.md'}; rerun the failed ones with the same command (each run starts fresh)."
+        )
     return table
 
 

@@ -97,10 +97,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from clipzss.ablation import ARMS, run_ablation
+    from clipzss.ablation import ARMS, AblationError, run_ablation
 
     arms = args.arms.split(",") if args.arms else list(ARMS)
-    run_ablation(args.seeds, args.out, args.quick, args.set or [], arms, args.jobs)
+    try:
+        run_ablation(args.seeds, args.out, args.quick, args.set or [], arms, args.jobs)
+    except AblationError as e:  # each failed run's traceback was printed as it failed
+        print(f"clipzss ablate: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -72,3 +72,32 @@ def test_quick_ablation_in_parallel_logs_comparable_arms_and_a_new_parent_each_t
     assert artifacts >= {"ablation.json", "ablation.md", "ablation.png"}
     logged = client.download_artifacts(parents[0].info.run_id, "ablation.json", str(tmp_path))
     assert "." not in "".join(json.loads(Path(logged).read_text())["columns"])  # dotted columns render blank
+
+
+def test_a_failed_run_keeps_the_table_of_the_others_and_is_named(tmp_path, monkeypatch, capsys):
+    """Seen for real: one of 6 parallel runs died at start and the whole ablation raised at the end, table unwritten."""
+    import clipzss.ablation as ablation
+
+    real_train_job = ablation.train_job
+
+    def train_job(overrides, *args):
+        if "run.seed=1" in overrides and "plm.enabled=false" in overrides:  # baseline, seed 1
+            raise FileNotFoundError("weights.tmp vanished")
+        return real_train_job(overrides, *args)
+
+    monkeypatch.setattr(ablation, "train_job", train_job)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [f"data.root={tmp_path / 'world'}", f"tracking.uri={uri}", f"teacher.cache_dir={tmp_path / 'text'}"]
+    overrides += ["data.batch_size=4", "data.num_workers=0", "run.progress=false"]
+    out = str(tmp_path / "out")
+    assert cli(["ablate", "--seeds", "2", "--out", out, "--quick", "--arms", "baseline,full", "--set", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert "clipzss ablate: 1 of 4 runs failed: baseline seed 1 (FileNotFoundError: weights.tmp vanished)" in err
+    assert "Traceback" in err  # the failed run's own traceback, printed when it failed
+    text = (tmp_path / "out" / "ablation.md").read_text()
+    assert "| baseline | 1 |" in text and "| full | 2 |" in text  # the seeds that finished, counted honestly
+    assert "failed: baseline seed 1 (FileNotFoundError: weights.tmp vanished)" in text
+    client = MlflowClient(tracking_uri=uri)
+    (parent,) = _parents(client)
+    assert parent.info.status == "FAILED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"ablation.json", "ablation.md"}

@@ -41,3 +41,29 @@ def test_student_uses_the_offline_weights(weights, monkeypatch):
     reference = torch.load(weights, weights_only=True)
     stem = student.backbone.model.conv_stem.weight
     assert torch.equal(stem, reference["conv_stem.weight"])
+
+
+def test_a_concurrent_conversion_does_not_break_this_one(tmp_path, monkeypatch):
+    """Parallel ablation runs convert the weights at once (seen: one died renaming a temp file the other had moved).
+
+    Reproduced deterministically: another process (another pid) does the whole conversion between this process's
+    write of its temporary file and its rename.
+    """
+    import os
+
+    real_replace, real_getpid = os.replace, os.getpid
+    interleaved = []
+
+    def replace(src, dst):
+        if not interleaved:
+            interleaved.append(src)
+            monkeypatch.setattr(os, "getpid", lambda: real_getpid() + 1)
+            efficientnet_lite0_imagenet(tmp_path)  # the other process, from start to finish
+            monkeypatch.setattr(os, "getpid", real_getpid)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    out = efficientnet_lite0_imagenet(tmp_path)
+    assert interleaved, "the conversion did not go through a rename"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary file left behind
+    assert "conv_stem.weight" in torch.load(out, weights_only=True)

@@ -28,11 +28,13 @@ class CheckpointWriteError(OSError):
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save through a temporary file in the same folder, then an atomic rename.
 
+    The temporary file is this process's own, so processes saving the same file at once each rename a whole file.
+
     Raises:
         CheckpointWriteError: the write failed; the temporary file is removed so it does not keep the space.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)

@@ -14,6 +14,8 @@ from pathlib import Path
 import timm
 import torch
 
+from clipzss.engine.checkpoint import atomic_save
+
 CACHE = Path("~/.cache/clipzss/weights")
 
 
@@ -40,10 +42,7 @@ def efficientnet_lite0_imagenet(cache_dir: str | Path = CACHE) -> Path:
         if tensor.shape != target[key].shape:
             raise RuntimeError(f"EfficientNet-Lite0: {name} {tuple(tensor.shape)} does not fit timm's {key}")
         converted[key] = tensor
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    torch.save(converted, tmp)
-    tmp.replace(out)
+    atomic_save(converted, out)  # parallel runs may convert at once: each renames a whole file of its own
     return out
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
 from clipzss.config import TeacherConfig
+from clipzss.engine.checkpoint import atomic_save
 from clipzss.models.clip_factory import create_clip, resize_grid_pos_embed
 from clipzss.models.prompts import class_prompts, get_templates
 from clipzss.paths import resolve_path
@@ -203,10 +203,7 @@ class CLIPTeacher(nn.Module):
             else:
                 text = torch.stack([self._embed_class(name) for name in class_names]).cpu()
                 if self.disk_cache:
-                    self.cache_dir.mkdir(parents=True, exist_ok=True)
-                    partial = path.with_suffix(f".{os.getpid()}.tmp")  # atomic w.r.t. other processes
-                    torch.save(text, partial)
-                    os.replace(partial, path)
+                    atomic_save(text, path)  # atomic w.r.t. other processes
             self._text_cache[key] = text
         return self._text_cache[key].to(self.input_scale.device)
 
