@@ -433,7 +433,7 @@ def _evaluate(run: RunState, batch: tuple | None) -> dict[str, float]:
         unwrapped.student,
         run.val_set,
         run.eval_text,
-        float(unwrapped.objective.scales()[0]),
+        unwrapped.objective.inference_alpha(),
         cfg.data,
         accelerator.device,
         accelerator.process_index,
@@ -482,7 +482,7 @@ def _finish(run: RunState) -> None:
         output_dir / MODEL_FILE,
         unwrapped.student.state_dict(),
         to_dict(run.cfg),
-        {"alpha": float(unwrapped.objective.scales()[0]), "embed_dim": run.teacher.embed_dim},
+        {"alpha": unwrapped.objective.inference_alpha(), "embed_dim": run.teacher.embed_dim},
     )
     tracker.log_artifact(bundle)
     tracker.log_student(bundle)

@@ -78,6 +78,10 @@ class CLIPZSSObjective(nn.Module):
         device = self.seen_text.device
         return torch.tensor(self.cfg.loss.alpha, device=device), torch.tensor(self.cfg.loss.beta, device=device)
 
+    def inference_alpha(self) -> float:
+        """alpha as a plain number: the logit scale evaluation and the exported student use."""
+        return float(self.scales()[0].detach())
+
     def forward(
         self,
         R: Tensor,
