@@ -219,7 +219,7 @@ def run_ablation(
     if failed:
         raise AblationError(
             f"{len(failed)} of {len(planned)} runs failed: " + "; ".join(failed) + f". The table of the others is in "
-            f"{root / 'ablation.md'}; rerun the failed ones with the same command (each run starts fresh)."
+            f"{root / 'ablation.md'}. The same command trains every run again, from scratch."
         )
     return table
 

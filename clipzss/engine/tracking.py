@@ -127,13 +127,16 @@ def quick_http():
                 os.environ[key] = value
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store; None for any other store."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
 def _store_opening(uri: str):
     """For a SQLite store, one process at a time opens it: MLflow creates a new file's schema (and the experiment) on
     first use, and two processes doing that at once fail ("duplicate column name")."""
-    if not uri.startswith("sqlite:///"):
-        return nullcontext()
-    database = Path(uri[len("sqlite:///") :])
-    return waiting_lock(database.with_name(database.name + ".lock"))
+    database = _sqlite_file(uri)
+    return nullcontext() if database is None else waiting_lock(database.with_name(database.name + ".lock"))
 
 
 class Tracker:
@@ -191,9 +194,8 @@ class Tracker:
         """The id of experiment ``name``, created as a model-training experiment (older ones are tagged so)."""
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
-            location = None  # a server's default; beside a SQLite file, its own mlruns/ (a store is one folder)
-            if self.uri.startswith("sqlite:///"):
-                location = (Path(self.uri[len("sqlite:///") :]).parent / "mlruns").resolve().as_uri()
+            database = _sqlite_file(self.uri)  # beside a SQLite file, its own mlruns/ (a store is one folder)
+            location = (database.parent / "mlruns").resolve().as_uri() if database else None  # None: server's default
             return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         for key, value in EXPERIMENT_TAGS.items():
             if key not in experiment.tags:  # never override what a user chose in the UI

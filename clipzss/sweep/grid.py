@@ -13,7 +13,7 @@ from typing import Any
 from clipzss.config import TrackingConfig
 from clipzss.engine.tracking import Tracker
 from clipzss.sweep.options import SweepOptions
-from clipzss.sweep.registry import default_model_name, register_best
+from clipzss.sweep.registry import model_name, register_best
 from clipzss.sweep.runner import Sweep, fit, prepare
 from clipzss.sweep.space import check_space, grid_space
 from clipzss.sweep.summary import METRIC, close_children, print_best, save_best_config, trial_run_name
@@ -90,8 +90,8 @@ def run_benchmark(opts: SweepOptions) -> dict[str, Any]:
             seeds_by_cell.setdefault(cell_key(r.config), []).append((trial_run_name(r), r.metrics[METRIC]))
     report = _report(sweep, cells, table, len(results) - len(records))
     if sweep.parent:
-        best_seeds = sorted(seeds_by_cell.get(cell_key(report["best_cell"]), []), key=lambda t: -t[1])
-        model = opts.register_as or default_model_name(sweep.base.tracking.experiment)
+        best_seeds = seeds_by_cell.get(cell_key(report["best_cell"]), [])
+        model = model_name(opts.register_as, sweep.base.tracking.experiment)
         report["registered"] = register_best(sweep.parent, [c.run_id for c in cells.values()], best_seeds, model,
                                              sweep.name)  # fmt: skip
     _finish(sweep, cells)

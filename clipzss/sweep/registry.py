@@ -8,6 +8,7 @@ sweep, the trial's run and its ``val/hIoU`` as tags, and an alias named after th
 
 from __future__ import annotations
 
+import math
 import re
 
 from clipzss.engine.tracking import Tracker
@@ -15,8 +16,9 @@ from clipzss.engine.tracking import Tracker
 STUDENT = "student"  # the name training logs its model under (Tracker.log_student)
 
 
-def default_model_name(experiment: str) -> str:
-    return f"clipzss-{experiment}"
+def model_name(register_as: str, experiment: str) -> str:
+    """The registered model a sweep adds its best student to: ``--register-as``, else ``clipzss-<experiment>``."""
+    return register_as or f"clipzss-{experiment}"
 
 
 def alias_for(sweep_name: str) -> str:
@@ -28,30 +30,30 @@ def alias_for(sweep_name: str) -> str:
 def register_best(
     parent: Tracker,
     parents: list[str],
-    ranked_runs: list[tuple[str, float]],
-    model_name: str,
+    runs: list[tuple[str, float]],
+    model: str,
     sweep_name: str,
 ) -> str | None:
-    """Register the first of ``ranked_runs`` (child run name, ``val/hIoU``; best first, nested under one of
-    ``parents``) that logged a student; returns its ``models:/<name>@<alias>`` URI, or None when none did."""
+    """Register the best of ``runs`` (child run name, ``val/hIoU``; nested under one of ``parents``) that logged a
+    student as a version of ``model``; returns its ``models:/<model>@<alias>`` URI, or None when none did."""
     client = parent.client
     experiment = client.get_run(parent.run_id).info.experiment_id
-    runs = {}
+    run_ids = {}
     for parent_id in parents:
         for run in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'"):
-            runs.setdefault(run.info.run_name, run.info.run_id)
-    for run_name, value in ranked_runs:
-        run_id = runs.get(run_name)
+            run_ids.setdefault(run.info.run_name, run.info.run_id)
+    for run_name, value in sorted(runs, key=_best_first):
+        run_id = run_ids.get(run_name)
         if run_id is None:
             continue
         query = f"name = '{STUDENT}' AND source_run_id = '{run_id}'"
         logged = client.search_logged_models([experiment], filter_string=query, max_results=1)
         if not logged:
             continue  # stopped early: it never exported a model
-        _ensure_registered_model(client, model_name)
+        _ensure_registered_model(client, model)
         with parent.as_current_store():  # the registry looks the logged model up in MLflow's current store
             version = client.create_model_version(
-                model_name,
+                model,
                 source=logged[0].model_uri,
                 run_id=run_id,
                 model_id=logged[0].model_id,
@@ -59,13 +61,17 @@ def register_best(
                 description=f"best of sweep {sweep_name}: {run_name}, val/hIoU {value:.2f}",
             )
         alias = alias_for(sweep_name)
-        client.set_registered_model_alias(model_name, alias, version.version)
-        uri = f"models:/{model_name}@{alias}"
+        client.set_registered_model_alias(model, alias, version.version)
+        uri = f"models:/{model}@{alias}"
         parent.set_tags({"clipzss.registered_model": uri})
-        print(f"registered {run_name} as {model_name} version {version.version}: {uri}")
+        print(f"registered {run_name} as {model} version {version.version}: {uri}")
         return uri
     print(f"no trial of sweep {sweep_name} logged a model; nothing registered")
     return None
+
+
+def _best_first(run: tuple[str, float]) -> float:
+    return -run[1] if not math.isnan(run[1]) else math.inf  # a NaN metric ranks last
 
 
 def _ensure_registered_model(client, name: str) -> None:

@@ -6,13 +6,12 @@ samples. The parent run ends with the trials table, the best config and Optuna's
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from clipzss.config import Config
 from clipzss.sweep.options import SweepOptions
 from clipzss.sweep.optuna_plots import log_optuna_plots
-from clipzss.sweep.registry import default_model_name, register_best
+from clipzss.sweep.registry import model_name, register_best
 from clipzss.sweep.runner import Sweep, fit, prepare
 from clipzss.sweep.space import check_space, first_points, search_space
 from clipzss.sweep.summary import (
@@ -31,10 +30,6 @@ def evaluations_per_trial(cfg: Config) -> int:
     """How many times one trial reports (evaluations at every ``eval_interval`` and at the end)."""
     every, last = cfg.run.eval_interval, cfg.optim.max_iters
     return len(set(range(every, last + 1, every)) | {last}) if every else 1
-
-
-def _best_first(run: tuple[str, float]) -> float:
-    return -run[1] if not math.isnan(run[1]) else math.inf
 
 
 def tune_config(sweep: Sweep, opts: SweepOptions, space: dict[str, Any]):
@@ -85,9 +80,9 @@ def run_search(opts: SweepOptions) -> dict[str, Any]:
         log_optuna_plots(table, space, sweep.local_dir / "optuna", parent)
         parent.log_metrics({f"best/{METRIC}": value}, step=0)
         parent.set_tags({"clipzss.best_trial": str(best.metrics.get("trial_id", "")), "clipzss.retrain": command})
-        ranked = sorted(((trial_run_name(r), best_value(r)) for r in results if not r.error), key=_best_first)
-        model = opts.register_as or default_model_name(sweep.base.tracking.experiment)
-        register_best(parent, [parent.run_id], ranked, model, sweep.name)
+        runs = [(trial_run_name(r), best_value(r)) for r in results if not r.error]
+        model = model_name(opts.register_as, sweep.base.tracking.experiment)
+        register_best(parent, [parent.run_id], runs, model, sweep.name)
         parent.finish()
     return {
         "name": sweep.name,
