@@ -74,4 +74,3 @@ def test_ray_up_submit_down_on_the_local_cluster(head):
     left = head.leftovers()
     assert left == [], f"`ray down` left processes behind: {left}"
     assert _home_fingerprint() == before, "the launcher changed the user's home"
-    assert up <= 240 and submit <= 240, (up, submit)  # targets: 2 min each on a warm, idle machine (no install)

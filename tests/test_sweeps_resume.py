@@ -30,6 +30,20 @@ def _kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
     proc.wait(timeout=60)
 
 
+def _ray_status(ray_bin: str, port: int, env: dict[str, str]) -> str:
+    """``ray status`` of the test's cluster ("" while it does not answer yet)."""
+    done = subprocess.run([ray_bin, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    return done.stdout if done.returncode == 0 else ""
+
+
+def _poll(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.5)
+
+
 def _wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -48,12 +62,14 @@ def test_smoke_sweep_killed_and_resumed_next_to_a_running_cluster(assets, tmp_pa
     ray_tmp = ray_tmpdir()
     env = private_ray_env(ray_tmp)
     ray_bin = str(Path(sys.executable).with_name("ray"))
+    port = _free_port()
     cluster = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                                f"--port={_free_port()}", "--num-cpus=1", "--include-dashboard=false",
+                                f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
                                 f"--temp-dir={ray_tmp}/ray"], env=env, cwd=tmp_path, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        time.sleep(8)  # the cluster a bare `ray.init()` would join
+        # the cluster a bare `ray.init()` would join: ready once `ray status` answers
+        _poll(lambda: cluster.poll() is not None or _ray_status(ray_bin, port, env), "ray start")
         assert cluster.poll() is None, "ray start failed"
         sets = [arg for item in tiny_overrides(assets, tmp_path / "unused", **{"optim.max_iters": 6})
                 for arg in ("--set", item)]  # fmt: skip
@@ -72,7 +88,9 @@ def test_smoke_sweep_killed_and_resumed_next_to_a_running_cluster(assets, tmp_pa
                                       stderr=subprocess.STDOUT)  # fmt: skip
         _wait_for(ready, driver, log)
         _kill_group(driver)
-        time.sleep(3)
+        driver.wait(timeout=60)
+        # the cluster frees the killed driver's trial (its one CPU) before the resumed driver asks for it
+        _poll(lambda: " 0.0/1.0 CPU" in _ray_status(ray_bin, port, env), "the killed driver's trial released")
         done = run_script("backbones.py", [*args, "--resume"], tmp_path, env, timeout=600)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     finally:

@@ -3,6 +3,7 @@
 import fcntl
 import json
 import multiprocessing
+import os
 import time
 
 import numpy as np
@@ -187,6 +188,14 @@ def _build_small_world(root):
     materialize_world(root, seed=4, n_train=30, n_val=3, size=32, progress=False)
 
 
+def _blocked_on(path, pids: list[int]) -> bool:
+    """Every one of ``pids`` waits for a flock on ``path`` (Linux lists waiters in /proc/locks as ``-> FLOCK``)."""
+    inode = f":{os.stat(path).st_ino} "
+    lines = open("/proc/locks").read().splitlines()
+    waiting = {int(line.split()[5]) for line in lines if "-> FLOCK" in line and inode in line}
+    return set(pids) <= waiting
+
+
 def test_concurrent_materialization_waits_for_the_lock_and_reuses_the_world(tmp_path):
     root = tmp_path / "w"
     root.mkdir()
@@ -196,8 +205,11 @@ def test_concurrent_materialization_waits_for_the_lock_and_reuses_the_world(tmp_
         waiting = [ctx.Process(target=_build_small_world, args=(root,)) for _ in range(2)]
         for p in waiting:
             p.start()
-        time.sleep(1.0)
-        assert all(p.is_alive() for p in waiting) and not (root / "images").exists()
+        deadline = time.monotonic() + 120
+        while not _blocked_on(root / synthetic.LOCK, [p.pid for p in waiting]):
+            assert all(p.is_alive() for p in waiting) and time.monotonic() < deadline, "never waited for the lock"
+            time.sleep(0.05)
+        assert not (root / "images").exists()
         fcntl.flock(lock, fcntl.LOCK_UN)
     for p in waiting:
         p.join(timeout=120)
