@@ -1,4 +1,4 @@
-"""Replay the faults of issue 9 against a real tiny training and print fault -> outcome (``clipzss reliability``).
+"""Replay faults against a real tiny training and print fault -> outcome (``clipzss reliability``).
 
 Every training here is the real CLI (``python -m clipzss.cli train``) in its own process on the synthetic world,
 so signals, locks and outages are the real thing: kill -9, Ctrl-C (SIGINT), SIGTERM, a second trainer in the same

@@ -35,7 +35,7 @@ from clipzss.models.teacher import CLIPTeacher
 
 MODEL_NAME = "synthetic_clip"
 PROMPT = get_templates("single")[0]  # the teacher's "single" template: "a photo of a {}."
-# The measured recipe: ModifiedResNet [1,1,1,1] width 16 at output stride 8, text 3 x 128, embedding 128.
+# The measured recipe: ModifiedResNet [1,1,1,1] width 16 at output stride 8, text 3 x 128, embedding 128.
 VISION_CFG: dict = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 64}
 TEXT_CFG: dict = {"context_length": 32, "width": 128, "heads": 4, "layers": 3}
 

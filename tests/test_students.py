@@ -55,7 +55,7 @@ def test_timm_student_loads_local_weights_file(tmp_path):
     ("arch", "norm", "mean", "std"),
     [
         ("efficientnet_lite0", "model", (0.5,) * 3, (0.5,) * 3),  # timm's pretrained_cfg for tf_efficientnet_lite0
-        ("efficientnet_lite0", "imagenet", IMAGENET_MEAN, IMAGENET_STD),  # the old behaviour
+        ("efficientnet_lite0", "imagenet", IMAGENET_MEAN, IMAGENET_STD),  # ImageNet statistics for every student
         ("resnet_tiny", "model", IMAGENET_MEAN, IMAGENET_STD),
     ],
 )
