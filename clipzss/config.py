@@ -90,6 +90,10 @@ class GLMConfig:
     # hIoU, full 24.0 vs 27.7 (world v1 +GLM: 21.6 vs 20.6). Default by that evidence: 0.
     attn_tau: float = 0.0
     bank_size: int = 1024  # [choice] FIFO bank of past teacher CLS embeddings used as extra negatives
+    # [choice] "linear": InfoNCE on W S_hat + b, a C x C map of the GLM's own started at the identity, so the GLM does
+    # not pull the dense features' mean into the CLS embedding's region of CLIP space (docs/pages/method.md);
+    # "none": S_hat itself (METHOD.md).
+    projection: Literal["none", "linear"] = "none"
 
 
 @dataclass

@@ -102,3 +102,78 @@ def test_attention_temperature_localises_where_sqrt_c_is_uniform():
     sharp = F.normalize(attention_pool(S, R, tau=0.07), dim=-1)
     assert (sharp * S).sum(-1).min() > 0.9  # the pooled vector is the matching token, not the mean
     assert (F.normalize(attention_pool(S, R), dim=-1) * S).sum(-1).max() < 0.6
+
+
+def objective_and_batch(*overrides, grid=4, C=8, Ns=3):
+    """A CLIPZSSObjective on random inputs whose teacher tokens form a grid x grid map."""
+    from clipzss.config import load_config
+    from clipzss.method.objective import CLIPZSSObjective
+    from clipzss.models.teacher import TeacherOutput
+
+    cfg = load_config(None, ["glm.bank_size=4", "plm.synthesizer.heads=2", *overrides])
+    torch.manual_seed(0)
+    objective = CLIPZSSObjective(cfg, F.normalize(torch.randn(Ns, C), dim=-1))
+    R = F.normalize(torch.randn(2, C, 8, 8), dim=1).requires_grad_(True)
+    teacher = TeacherOutput(
+        cls=F.normalize(torch.randn(2, C), dim=-1), dense=F.normalize(torch.randn(2, C, grid, grid), dim=1)
+    )
+    labels = torch.randint(0, Ns, (2, 16, 16))
+    labels[:, :, 8:] = 255
+    return objective, R, teacher, labels
+
+
+def test_kmeans_scale_above_the_token_grid_is_refused_naming_the_grid():
+    import pytest
+
+    from clipzss.method.objective import KMeansScaleError
+
+    objective, R, teacher, labels = objective_and_batch("plm.kmeans.scales=[2, 16]", grid=8)
+    with pytest.raises(KMeansScaleError, match=r"\[16\].*8x8"):
+        objective(R, teacher, labels)
+
+
+def test_kmeans_scale_equal_to_the_grid_warns_once_and_finer_scales_are_silent():
+    import warnings
+
+    import pytest
+
+    objective, R, teacher, labels = objective_and_batch("plm.kmeans.scales=[2, 4]", grid=4)
+    with pytest.warns(UserWarning, match=r"\[4\].*4x4.*image mean"):
+        objective(R, teacher, labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        objective(R, teacher, labels)  # the same grid is checked once
+        fine, R, teacher, labels = objective_and_batch("plm.kmeans.scales=[2, 4]", grid=8)
+        fine(R, teacher, labels)
+
+
+def test_glm_projection_starts_as_the_identity_and_matches_a_plain_reference():
+    from clipzss.method.glm import glm_projection
+
+    plain, R, teacher, labels = objective_and_batch("plm.enabled=false")
+    projected, *_ = objective_and_batch("plm.enabled=false", "glm.projection=linear")
+    torch.testing.assert_close(projected(R, teacher, labels)[0]["glm"], plain(R, teacher, labels)[0]["glm"])
+
+    # with any W, b: InfoNCE of W S_hat + b, S_hat = mean of R (attn_tau 0 is sqrt(C): near uniform, computed exactly)
+    torch.manual_seed(1)
+    proj = glm_projection(8)
+    with torch.no_grad():
+        proj.weight.add_(0.3 * torch.randn(8, 8))
+        proj.bias.add_(0.5 * torch.randn(8))
+    projected.glm_proj.load_state_dict(proj.state_dict())
+    projected.glm.bank.zero_(), projected.glm.bank_filled.zero_(), projected.glm.bank_ptr.zero_()
+    loss = projected(R, teacher, labels)[0]["glm"]
+    tokens = R.flatten(2)  # [B, C, L]
+    weights = torch.softmax(torch.einsum("bc,bcl->bl", teacher.cls, tokens) / math.sqrt(8), dim=-1)
+    S_hat = torch.einsum("bl,bcl->bc", weights, tokens) @ proj.weight.T + proj.bias
+    expected = infonce_reference(S_hat, teacher.cls, [], tau=0.07)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert projected.glm_proj.weight.grad.abs().sum() > 0 and R.grad.abs().sum() > 0
+
+
+def test_glm_projection_is_built_only_with_the_glm():
+    with_glm, *_ = objective_and_batch("glm.projection=linear")
+    without, *_ = objective_and_batch("glm.projection=linear", "glm.weight=0")
+    assert hasattr(with_glm, "glm_proj") and not hasattr(without, "glm_proj")
+    assert not hasattr(objective_and_batch()[0], "glm_proj")

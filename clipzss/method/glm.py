@@ -93,3 +93,23 @@ class GlobalLoss(nn.Module):
         self.bank[rows] = S_all.to(self.bank.dtype)
         self.bank_ptr.copy_((self.bank_ptr + S_all.shape[0]) % size)
         self.bank_filled.clamp_(max=size - S_all.shape[0]).add_(S_all.shape[0])
+
+
+def glm_projection(embed_dim: int) -> nn.Linear:
+    """The GLM's own linear map on the pooled feature (``glm.projection="linear"``), started at the identity.
+
+    InfoNCE then matches W S_hat + b, not S_hat, to the teacher CLS: the CLS embedding lives in CLIP's image cone,
+    away from the text embeddings the dense features are trained towards (CLIP's modality gap), and the map lets
+    the GLM take what is image-specific from R without pulling R's mean into that cone.
+
+    Args:
+        embed_dim: C.
+
+    Returns:
+        A C -> C ``nn.Linear``: weight = identity, bias = 0 (at step 0 the loss equals the plain GLM's).
+    """
+    proj = nn.Linear(embed_dim, embed_dim)
+    with torch.no_grad():
+        proj.weight.copy_(torch.eye(embed_dim))
+        proj.bias.zero_()
+    return proj

@@ -9,7 +9,8 @@ pixels / classes) plus ``plm.potential_weight`` times the potential-label part (
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from clipzss.config import Config
 from clipzss.data.transforms import PAD_INDEX
 from clipzss.distributed import gather_with_grad, world_info
-from clipzss.method.glm import GlobalLoss, attention_pool
+from clipzss.method.glm import GlobalLoss, attention_pool, glm_projection
 from clipzss.method.nel import NonMutuallyExclusiveLoss
 from clipzss.method.plm import PixelLearning
 from clipzss.method.pseudo_labels import IGNORE_INDEX
@@ -28,6 +29,43 @@ if TYPE_CHECKING:
     from clipzss.models.teacher import TeacherOutput
 
 NEL_PRIOR = 0.01  # plm.nel_learnable_bias starts at the focal-loss prior logit (Lin et al., RetinaNet, 2017)
+
+
+class KMeansScaleError(ValueError):
+    """A K-Means window (``plm.kmeans.scales``) is larger than the teacher's token grid."""
+
+
+def check_kmeans_scales(scales: Sequence[int], grid: tuple[int, int]) -> None:
+    """Refuse windows larger than the teacher's token grid; warn about windows that give the image mean only.
+
+    With window and stride s and ``ceil_mode`` pooling, K_s = ceil(h / s) * ceil(w / s): every s >= max(h, w) is one
+    seed and so one centroid, the mean of the image's tokens. A window above the grid cannot be what was meant
+    (crop size and teacher stride decide the grid), so it is an error; a window equal to it is a legitimate
+    whole-image cluster, only worth a warning.
+
+    Args:
+        scales: window sizes in tokens (``plm.kmeans.scales``).
+        grid: (h, w) of the teacher's dense tokens for a training crop.
+
+    Raises:
+        KMeansScaleError: some scale is larger than max(h, w).
+    """
+    h, w = grid
+    side = max(h, w)
+    where = f"the teacher's token grid of a training crop is {h}x{w}"
+    too_large = [s for s in scales if s > side]
+    if too_large:
+        raise KMeansScaleError(
+            f"plm.kmeans.scales: {too_large} exceed {where}; a window is at most {side} tokens (any window >= {side} "
+            f"is one centroid, the image mean). Use windows below {side}, or a larger data.crop_size."
+        )
+    collapsed = [s for s in scales if s == side]
+    if collapsed:
+        warnings.warn(
+            f"plm.kmeans.scales: {collapsed} span {where}: one centroid per image (the image mean), so "
+            f"{'this scale adds' if len(collapsed) == 1 else 'these scales add'} at most one whole-image cluster.",
+            stacklevel=3,
+        )
 
 
 def seen_logits(R: Tensor, text: Tensor, alpha: Tensor | float) -> Tensor:
@@ -58,6 +96,8 @@ class CLIPZSSObjective(nn.Module):
         embed_dim = seen_text.shape[1]
         self.register_buffer("seen_text", F.normalize(seen_text.detach().float(), dim=-1), persistent=False)
         self.glm = GlobalLoss(embed_dim, cfg.glm.tau, cfg.glm.bank_size) if cfg.glm.weight > 0 else None
+        if self.glm is not None and cfg.glm.projection == "linear":
+            self.glm_proj = glm_projection(embed_dim)
         self.plm = PixelLearning(cfg.plm, embed_dim) if cfg.plm.enabled else None
         self.nel = NonMutuallyExclusiveLoss() if cfg.plm.nel_weight > 0 else None
         if self.nel is not None and cfg.plm.nel_learnable_bias:
@@ -65,6 +105,7 @@ class CLIPZSSObjective(nn.Module):
         if cfg.loss.learnable_scale:
             self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.loss.alpha)))
             self.log_beta = nn.Parameter(torch.tensor(math.log(cfg.loss.beta)))
+        self._checked_grids: set[tuple[int, int]] = set()
 
     @property
     def needs_teacher(self) -> bool:
@@ -118,12 +159,19 @@ class CLIPZSSObjective(nn.Module):
         if self.glm is not None:
             S = teacher.cls
             rank, _ = world_info()
-            losses["glm"] = self.glm(attention_pool(S, R, cfg.glm.attn_tau), S, gather(S), rank * S.shape[0])
+            S_hat = attention_pool(S, R, cfg.glm.attn_tau)  # [B, C]
+            if cfg.glm.projection == "linear":
+                S_hat = self.glm_proj(S_hat)
+            losses["glm"] = self.glm(S_hat, S, gather(S), rank * S.shape[0])
 
         x = seen_logits(R, self.seen_text.to(R.dtype), alpha)  # [B, Ns, h, w]
         valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # [B, N]
         target = labels
         if self.plm is not None:
+            grid = tuple(teacher.dense.shape[-2:])
+            if grid not in self._checked_grids:  # once per grid: crops share one size, so in practice once per run
+                check_kmeans_scales(cfg.plm.kmeans.scales, grid)
+                self._checked_grids.add(grid)
             out = self.plm(R, teacher, labels, self.seen_text.to(R.dtype), alpha, beta, pad)
             x = torch.cat([x, out.potential_logits], dim=1)  # [B, Ns + Kp, h, w]
             valid = torch.cat([valid, out.potential_valid], dim=1)
