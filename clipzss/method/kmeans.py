@@ -27,7 +27,7 @@ class KMeansResult:
         centroids: per scale, [B, K_s, C] normalised centroids.
         assignments: per scale, [B, L] cluster id in 0..K_s-1 of each token.
         inertia: [B, S] per image and scale, the sum over tokens of 1 - cos(token, its centroid).
-        iterations: Lloyd iterations run (fewer than asked when a fixed point was reached; count products with it).
+        iterations: Lloyd iterations run (always the number asked: count products with it).
     """
 
     tokens: Tensor
@@ -56,12 +56,19 @@ def kmeans_seeds(D: Tensor, scale: int) -> Tensor:
     return F.normalize(rearrange(pooled, "b c y x -> b (y x) c"), dim=-1)
 
 
+def total_clusters(grid: tuple[int, int], scales: Sequence[int]) -> int:
+    """K = sum_s K_s of :func:`multiscale_kmeans` on an h x w grid: a bound on every cluster count after it."""
+    h, w = grid
+    return sum(-(-h // s) * -(-w // s) for s in scales)
+
+
 def multiscale_kmeans(D: Tensor, scales: Sequence[int], iters: int) -> KMeansResult:
     """Cosine K-Means from multi-scale window seeds, all images and scales batched.
 
     Tokens are assigned to the centroid of highest dot product within their scale; one iteration moves each
-    centroid to the renormalised mean of its tokens (an empty cluster keeps its centroid) and assigns again. The
-    loop stops early, with the same result, once no assignment changes (one host sync per iteration).
+    centroid to the renormalised mean of its tokens (an empty cluster keeps its centroid) and assigns again. Every
+    iteration runs, even past a fixed point (where it changes nothing): testing for one would read a tensor on the
+    host each iteration, a sync that stalls a GPU queue and breaks CUDA graphs and ``torch.compile(fullgraph=True)``.
 
     Args:
         D: [B, C, h, w] teacher dense tokens, L2-normalised over C (not renormalised here).
@@ -81,14 +88,9 @@ def multiscale_kmeans(D: Tensor, scales: Sequence[int], iters: int) -> KMeansRes
     sizes = [k.shape[1] for k in seeds]
     centroids = torch.cat(seeds, dim=1)  # [B, K, C], K = sum_s K_s
     assign, best = _assign(Xt, centroids, sizes)  # [S, B, L] ids into K, [S, B, L] cosines
-    done = 0
-    while done < iters:
-        done += 1
+    for _ in range(iters):
         centroids = _update(X, centroids, assign)
-        previous = assign
         assign, best = _assign(Xt, centroids, sizes)
-        if torch.equal(assign, previous):  # a fixed point: the remaining iterations would change nothing
-            break
     return KMeansResult(
         tokens=X,
         grid=(h, w),
@@ -96,7 +98,7 @@ def multiscale_kmeans(D: Tensor, scales: Sequence[int], iters: int) -> KMeansRes
         centroids=list(centroids.split(sizes, dim=1)),
         assignments=[ids - o for ids, o in zip(assign, _offsets(sizes), strict=True)],
         inertia=(1 - best).sum(-1).T,  # [B, S]
-        iterations=done,
+        iterations=iters,
     )
 
 
@@ -136,7 +138,7 @@ def _update(X: Tensor, centroids: Tensor, assign: Tensor) -> Tensor:
     ones = X.new_ones(rows.shape[0])
     M = torch.sparse_coo_tensor(torch.stack([rows, cols]), ones, (B * K, B * L), check_invariants=False)
     sums = torch.sparse.mm(M, X.reshape(B * L, C)).view(B, K, C)
-    counts = torch.bincount(rows, minlength=B * K).view(B, K, 1)
+    counts = X.new_zeros(B * K).index_add_(0, rows, ones).view(B, K, 1)  # not bincount: it syncs on a GPU
     return torch.where(counts > 0, F.normalize(sums, dim=-1), centroids)
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipzss.config import PLMConfig
-from clipzss.method.kmeans import multiscale_kmeans
+from clipzss.method.kmeans import multiscale_kmeans, total_clusters
 from clipzss.method.prototype_loss import PrototypeTextLoss
 from clipzss.method.pseudo_labels import IGNORE_INDEX, fuse_clusters, fused_labels
 from clipzss.method.synthesizer import Synthesizer
@@ -25,8 +25,8 @@ class PLMOutput:
 
     Attributes:
         labels: [B, H, W] F: seen ids 0..Ns-1, potential ids Ns..Ns+Kp-1, or 255.
-        potential_logits: [B, Kp, h, w] beta * cos(R, P_pseudo), Kp = the most potential classes of an image.
-        potential_valid: [B, Kp] bool, False on channels padding an image with fewer potential classes.
+        potential_logits: [B, Kp, h, w] beta * cos(R, P_pseudo), Kp = K of the K-Means (a bound from the shapes).
+        potential_valid: [B, Kp] bool, False on the channels of potential ids an image does not use.
         pseudo: [B, Kp, C] P_pseudo, the potential classes' weights (normalised).
         text_loss: scalar loss of the seen prototypes against their texts, or None without the synthesizer.
         report: detached scalars for logging.
@@ -62,8 +62,10 @@ def region_weights(labels: Tensor, num_regions: int, h: int, w: int) -> Tensor:
     region = labels.flatten(1)  # [B, H*W]
     inside = (region >= 0) & (region < num_regions)
     image = torch.arange(B, device=labels.device)[:, None]
-    index = ((image * num_regions + region.clamp(0, num_regions - 1)) * (h * w) + cell)[inside]
-    return torch.bincount(index, minlength=B * num_regions * h * w).view(B, num_regions, h * w).float()
+    index = ((image * num_regions + region.clamp(0, num_regions - 1)) * (h * w) + cell).flatten()
+    # outside pixels add 0 (not masked out, not bincount: both read the data on the host); counts exact in float32
+    counts = labels.new_zeros(B * num_regions * h * w, dtype=torch.float).index_add_(0, index, inside.flatten().float())
+    return counts.view(B, num_regions, h * w)
 
 
 def region_centroids(R: Tensor, labels: Tensor, num_regions: int) -> tuple[Tensor, Tensor]:
@@ -77,7 +79,16 @@ def region_centroids(R: Tensor, labels: Tensor, num_regions: int) -> tuple[Tenso
     Returns:
         (centroids [B, N, C] L2-normalised, zero for absent regions; present [B, N] bool).
     """
-    weights = region_weights(labels, num_regions, *R.shape[-2:]).to(R.dtype)  # [B, N, L]
+    return weighted_centroids(R, region_weights(labels, num_regions, *R.shape[-2:]))
+
+
+def weighted_centroids(R: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Normalised weighted mean of R per region: R [B, C, h, w], weights [B, N, h*w] from :func:`region_weights`.
+
+    Returns:
+        (centroids [B, N, C] L2-normalised, zero for absent regions; present [B, N] bool).
+    """
+    weights = weights.to(R.dtype)
     sums = torch.bmm(weights, R.flatten(2).transpose(1, 2))  # [B, N, C]
     return F.normalize(sums, dim=-1), weights.sum(-1) > 0
 
@@ -119,7 +130,8 @@ class PixelLearning(nn.Module):
             result = multiscale_kmeans(dense.float(), km.scales, km.iters)
             assign, num_clusters, _ = fuse_clusters(result, km.fuse_threshold, km.fusion)
         clusters = assign.view(-1, *result.grid)  # [B, h', w']
-        fused = fused_labels(labels, clusters, num_seen, km.drop_seen_ratio, pad)
+        bound = total_clusters(result.grid, km.scales)
+        fused = fused_labels(labels, clusters, num_seen, km.drop_seen_ratio, pad, num_clusters=bound)
         unlabelled = labels == IGNORE_INDEX
         if pad is not None:
             unlabelled &= ~pad
@@ -161,14 +173,16 @@ class PixelLearning(nn.Module):
         """
         num_seen = seen_text.shape[0]
         fused, report = self.pseudo_labels(teacher.dense, labels, num_seen, pad)
-        num_potential = int(fused.masked_fill(fused == IGNORE_INDEX, -1).max()) + 1 - num_seen  # host sync
-        num_regions = num_seen + max(num_potential, 0)
+        # Kp = K, the clusters' bound from the shapes, not the batch's count: a count would be read on the host every
+        # step; the channels no image uses are absent (potential_valid False), so the losses are the same
+        num_regions = num_seen + total_clusters(teacher.dense.shape[-2:], self.cfg.kmeans.scales)
         from_teacher = self.cfg.synthesizer.query == "teacher"
         source = teacher.dense.to(R.dtype) if from_teacher else R
-        centroids, present = region_centroids(source, fused, num_regions)  # [B, Ns+Kp, C], [B, Ns+Kp]
+        weights = region_weights(fused, num_regions, *source.shape[-2:])  # [B, Ns+Kp, L]
+        centroids, present = weighted_centroids(source, weights)  # [B, Ns+Kp, C], [B, Ns+Kp]
         text_loss = None
         if self.synthesizer is not None:
-            mask = region_weights(fused, num_regions, *teacher.dense.shape[-2:]) > 0 if from_teacher else None
+            mask = weights > 0 if from_teacher else None  # the query's own dense tokens: the grid of the weights
             prototypes = self.synthesizer(centroids, present, teacher.cls, teacher.dense, mask)
             text_loss = self.text_loss(prototypes[:, :num_seen], present[:, :num_seen], seen_text, alpha)
             pseudo = prototypes[:, num_seen:]  # [B, Kp, C]

@@ -31,13 +31,15 @@ def fuse_clusters(result: KMeansResult, threshold: float, mode: str = "merge") -
 
     Returns:
         (assign [B, L] fused-cluster id in 0..K_f-1 of each token, num_clusters [B] = K_f per image,
-        centroids [B, Kmax, C] of the fused clusters, rows >= K_f zero).
+        centroids [B, K, C] of the fused clusters, rows >= K_f zero). Shapes depend only on K, never on the data,
+        so the "merge" mode runs without reading a tensor on the host.
     """
     cents = torch.cat(result.centroids, dim=1)  # [B, K, C], K = sum_s K_s
     B, K, C = cents.shape
     scale_of = torch.cat([torch.full((c.shape[1],), i, device=cents.device) for i, c in enumerate(result.centroids)])
     if mode == "merge":
-        fused, slot_valid = _merge(cents, scale_of, threshold)
+        sizes = [c.shape[1] for c in result.centroids]
+        fused, slot_valid = _merge(cents, scale_of, sizes.index(max(sizes)), threshold)
     elif mode == "pairs":
         fused, slot_valid = _greedy_pairs(cents, scale_of, threshold)
     else:
@@ -48,32 +50,29 @@ def fuse_clusters(result: KMeansResult, threshold: float, mode: str = "merge") -
     counts = torch.zeros(B, K, dtype=torch.long, device=cents.device).scatter_add_(1, assign, torch.ones_like(assign))
     keep = counts > 0  # [B, K]
     new_id = keep.cumsum(1) - 1  # compact ids of kept slots
-    num_clusters = keep.sum(1)
-    out = cents.new_zeros(B, int(num_clusters.max()), C)
-    rows, slots = keep.nonzero(as_tuple=True)
-    out[rows, new_id[rows, slots]] = fused[rows, slots]
-    return new_id.gather(1, assign), num_clusters, out
+    target = torch.where(keep, new_id, K)[..., None].expand(-1, -1, C)  # dropped slots all write the spare row K
+    out = cents.new_zeros(B, K + 1, C).scatter_(1, target, fused)[:, :K]
+    return new_id.gather(1, assign), keep.sum(1), out
 
 
-def _merge(cents: Tensor, scale_of: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+def _merge(cents: Tensor, scale_of: Tensor, finest: int, threshold: float) -> tuple[Tensor, Tensor]:
     """Connected groups of cross-scale links above ``threshold``: (centroids [B, K, C] indexed by each group's lowest
-    member id, slot_valid [B, K]: group roots of merged groups and unmerged finest-scale centroids)."""
+    member id, slot_valid [B, K]: group roots of merged groups and unmerged centroids of scale ``finest``).
+
+    The groups come from the transitive closure of the links by repeated squaring (log2 K products of [K, K]), so
+    the number of rounds is known without reading the links on the host."""
     B, K, _ = cents.shape
     sim = torch.bmm(cents, cents.transpose(1, 2))  # [B, K, K]
     eye = torch.eye(K, dtype=torch.bool, device=cents.device)
-    linked = ((sim > threshold) & (scale_of[:, None] != scale_of[None, :])) | eye  # [B, K, K]
-    root = torch.arange(K, device=cents.device).expand(B, K)
-    for _ in range(K):  # min-label propagation: at most K rounds to cover the longest path
-        nxt = torch.where(linked, root[:, None, :], K).amin(-1)  # [B, K]
-        if torch.equal(nxt, root):
-            break
-        root = nxt
+    reach = (((sim > threshold) & (scale_of[:, None] != scale_of[None, :])) | eye).to(cents.dtype)  # [B, K, K]
+    for _ in range(max(K - 1, 1).bit_length()):  # squaring doubles the path length covered: K - 1 links suffice
+        reach = (torch.bmm(reach, reach) > 0).to(cents.dtype)
+    root = reach.argmax(-1)  # [B, K] the lowest member of each centroid's connected group (first 1 of its row)
     member = root[:, None, :] == torch.arange(K, device=cents.device)[None, :, None]  # [B, K groups, K members]
     fused = F.normalize(torch.bmm(member.to(cents.dtype), cents), dim=-1)  # [B, K, C] (rows of non-roots unused)
     size = member.sum(-1)  # [B, K]
-    finest = scale_of == torch.bincount(scale_of).argmax()  # [K]
     is_root = root == torch.arange(K, device=cents.device)
-    return fused, is_root & ((size > 1) | finest)
+    return fused, is_root & ((size > 1) | (scale_of == finest))
 
 
 def _greedy_pairs(cents: Tensor, scale_of: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
@@ -81,7 +80,7 @@ def _greedy_pairs(cents: Tensor, scale_of: Tensor, threshold: float) -> tuple[Te
     pair, at its lower id, and every unfused centroid of every scale).
 
     The similarities are batched; only the matching loops, per image, over the candidate pairs above the threshold
-    (on CPU lists, not over pixels)."""
+    (on CPU lists, not over pixels): unlike "merge", this mode reads tensors on the host."""
     B, K, C = cents.shape
     sim = torch.bmm(cents, cents.transpose(1, 2))  # [B, K, K]
     first, second = torch.triu_indices(K, K, offset=1, device=cents.device)
@@ -112,6 +111,7 @@ def fused_labels(
     drop_seen_ratio: float,
     pad: Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    num_clusters: int | None = None,
 ) -> Tensor:
     """The fused label map F: seen labels where annotated, potential-class ids on the ignore pixels.
 
@@ -127,18 +127,21 @@ def fused_labels(
         drop_seen_ratio: the seen-pixel fraction above which a cluster is dropped.
         pad: [B, H, W] bool, True on crop padding (None: no padding).
         ignore_index: the ignore label (255).
+        num_clusters: a bound K on the cluster ids (all < K), known from the shapes; None reads it from ``clusters``
+            (a host sync: the training step passes the bound).
 
     Returns:
         [B, H, W] long: F, in 0..Ns-1 (seen), Ns..Ns+Kp-1 (potential, Kp kept clusters of that image) or ignore.
     """
     B, H, W = seen_labels.shape
     up = F.interpolate(clusters[:, None].float(), size=(H, W), mode="nearest")[:, 0].long()  # [B, H, W]
-    K = int(clusters.max()) + 1
+    K = int(clusters.max()) + 1 if num_clusters is None else num_clusters
     inside = torch.ones_like(seen_labels, dtype=torch.bool) if pad is None else ~pad
     ignored = (seen_labels == ignore_index) & inside
     flat = (up + K * torch.arange(B, device=up.device)[:, None, None]).flatten()  # ids into B*K
-    total = torch.bincount(flat, weights=inside.flatten().float(), minlength=B * K).view(B, K)
-    unlabelled = torch.bincount(flat, weights=ignored.flatten().float(), minlength=B * K).view(B, K)
+    pixels = torch.stack([inside, ignored]).flatten(1).float()  # [2, B*H*W]
+    counts = up.new_zeros(2, B * K, dtype=torch.float).index_add_(1, flat, pixels)
+    total, unlabelled = counts.view(2, B, K)  # pixel counts (exact in float32); no bincount: it syncs on a GPU
     seen_fraction = (total - unlabelled) / total.clamp_min(1)
     keep = (unlabelled > 0) & (seen_fraction <= drop_seen_ratio)  # [B, K]
     new_id = keep.cumsum(1) - 1
