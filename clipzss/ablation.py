@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from clipzss.config import Config, load_config
+from clipzss.data.synthetic import selection_root
 from clipzss.engine.tracking import RUN_ID_FILE, Tracker
 from clipzss.train import prepare_data_root, train
 
@@ -165,6 +166,7 @@ def run_ablation(
     overrides: list[str] | tuple = (),
     arms: list[str] | tuple = tuple(ARMS),
     jobs: int = 1,
+    select: bool = False,
 ) -> dict[str, list]:
     """Train every arm for ``seeds`` seeds on the synthetic world; returns the summary table.
 
@@ -178,10 +180,13 @@ def run_ablation(
         overrides: ``key=value`` applied to every arm (after the arm's own delta).
         arms: which of :data:`ARMS` to train (all by default).
         jobs: how many arm x seed runs train at once, in subprocesses (results identical to one at a time).
+        select: evaluate on the selection split (choose settings there) instead of val (report them there).
     """
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown ablation arms {unknown}; choose from {list(ARMS)}")
+    if select:
+        overrides = list(overrides) + selection_overrides(load_config("synthetic", list(overrides)))
     root = Path(output_root)
     base = load_config("synthetic", [f"run.output_dir={root}"] + (QUICK if quick else []) + list(overrides))
     parent = _parent_run(base, root, seeds, list(arms), list(overrides), jobs) if base.tracking.enabled else None
@@ -204,10 +209,12 @@ def run_ablation(
             results[arm].append(final)
     table = summarise({arm: runs for arm, runs in results.items() if runs})
     text = format_markdown(table) + "".join(f"\n\nfailed: {f}" for f in failed)
+    if select:  # a table of selection numbers must never pass for a reported one
+        text = split_note(select) + "\n\n" + text
     root.mkdir(parents=True, exist_ok=True)
     (root / "ablation.md").write_text(text + "\n")
     figure = plot_table(table, root / "ablation.png")
-    print("\n" + text)
+    print("\n" + text + ("" if select else "\n\n" + split_note(select)))
     if parent:
         for arm, _, out, _ in planned:  # the arm as a param: MLflow groups and compares runs by it
             if (out / RUN_ID_FILE).is_file():  # a run that failed before tracking started has none
@@ -222,6 +229,21 @@ def run_ablation(
             f"{root / 'ablation.md'}. The same command trains every run again, from scratch."
         )
     return table
+
+
+def selection_overrides(base: Config) -> list[str]:
+    """Overrides that evaluate on the selection split of ``base``'s synthetic world instead of its val split."""
+    return ["data.eval_dataset=synthetic", f"data.eval_root={selection_root(base.data.root)}"]
+
+
+def split_note(select: bool) -> str:
+    """The table's first line: which split its numbers come from, and what that split is for."""
+    if select:
+        return (
+            "Evaluated on the SELECTION split (synthetic scenes disjoint from train and val): choose settings on "
+            "these numbers, then report the chosen ones on val (the same command without --select)."
+        )
+    return "Evaluated on val (the reported split; choose settings on the selection split: --select)."
 
 
 def _parent_run(base: Config, root: Path, seeds: int, arms: list[str], overrides: list[str], jobs: int) -> Tracker:

@@ -101,7 +101,7 @@ def _ablate(args: argparse.Namespace) -> int:
 
     arms = args.arms.split(",") if args.arms else list(ARMS)
     try:
-        run_ablation(args.seeds, args.out, args.quick, args.set or [], arms, args.jobs)
+        run_ablation(args.seeds, args.out, args.quick, args.set or [], arms, args.jobs, args.select)
     except AblationError as e:  # each failed run's traceback was printed as it failed
         print(f"clipzss ablate: {e}", file=sys.stderr)
         return 1
@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", help="overrides applied to every arm")
     p.add_argument("--arms", help="comma-separated subset of: baseline,+GLM,+PLM,full,supervised (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="train this many arm x seed runs at once (subprocesses)")
+    p.add_argument("--select", action="store_true", help="evaluate on the selection split (choose; report on val)")
     p.set_defaults(func=_ablate)
 
     p = sub.add_parser("bench", help="print speed figures measured on this machine (and log them to MLflow)")

@@ -58,10 +58,15 @@ STUFF_IDS: tuple[int, ...] = tuple(range(len(OBJECTS), len(CLASSES)))
 IGNORE_INDEX = 255
 SPLITS: tuple[str, ...] = ("compositional", "noncompositional")  # the zero-shot splits of synthetic.yaml
 
-# Independent random streams, so train, val and CLIP pretraining scenes never coincide.
-STREAMS: dict[str, int] = {"train": 0, "val": 1, "clip_train": 2, "clip_eval": 3}
+# Independent random streams, so train, val, selection and CLIP pretraining scenes never coincide. "select" is the
+# selection split: weights, temperatures and schedules are chosen on it, so that val only reports.
+STREAMS: dict[str, int] = {"train": 0, "val": 1, "clip_train": 2, "clip_eval": 3, "select": 4}
 WORLD_VERSION = 2  # v2: stuff background, outline rings, 5 colours (v1: 16 categories on an ignored background)
 MARKER = "world.json"
+# The selection split is a world of its own under root/SELECTION_DIR, laid out as a val split (images/val, ...), so
+# the loader reads it as ``data.eval_dataset=synthetic data.eval_root=<root>/selection``; adding it leaves the
+# train / val scenes and their marker, and so every number measured on them, as they were.
+SELECTION_DIR = "selection"
 LOCK = ".world.lock"
 
 _DARK = 0.35  # brightness of the dark phase of an object texture, relative to the object's colour
@@ -146,15 +151,22 @@ def render_object(rng: np.random.Generator, class_id: int, size: int = 64) -> Sc
 
 
 def materialize_world(
-    root: str | Path, seed: int = 0, n_train: int = 2000, n_val: int = 300, size: int = 64, progress: bool = True
+    root: str | Path,
+    seed: int = 0,
+    n_train: int = 2000,
+    n_val: int = 300,
+    size: int = 64,
+    progress: bool = True,
+    n_select: int = 300,
 ) -> Path:
     """Write the world in the generic segmentation layout, unless ``root`` already holds this exact world.
 
     Layout: ``root/images/{train,val}/NAME.png`` (RGB) and ``root/annotations/{train,val}/NAME.png`` (uint8
-    class ids in :data:`CLASSES` order, 255 = object outlines). ``root/world.json`` records the parameters.
-    Several processes may call this at once on the same root: one generates (under the lock ``root/.world.lock``)
-    into a private folder that is renamed into place, then writes the marker atomically; the others wait and
-    reuse it. An interrupted or differently-parametrised world is regenerated from scratch.
+    class ids in :data:`CLASSES` order, 255 = object outlines). ``root/world.json`` records the parameters. The
+    selection split (stream "select") is written the same way under ``root/selection`` (as its ``val``), with its
+    own marker. Several processes may call this at once on the same root: one generates (under the lock
+    ``root/.world.lock``) into a private folder that is renamed into place, then writes the marker atomically; the
+    others wait and reuse it. An interrupted or differently-parametrised world is regenerated from scratch.
 
     Args:
         root: output directory (``~`` is expanded).
@@ -163,6 +175,8 @@ def materialize_world(
         n_val: number of validation scenes.
         size: image side in pixels.
         progress: show a tqdm bar (and say when waiting for another process).
+        n_select: number of selection scenes (as many as the preset's val; independent of ``n_val``, so that a
+            world resized for a test keeps its selection split).
 
     Returns:
         The resolved root.
@@ -170,17 +184,31 @@ def materialize_world(
     root = Path(root).expanduser()
     params = {"version": WORLD_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val, "size": size}
     params["classes"] = list(CLASSES)
-    if _marker_matches(root, params):
+    selection = selection_params(seed, n_select, size)
+    if _marker_matches(root, params) and _marker_matches(root / SELECTION_DIR, selection):
         return root
     root.mkdir(parents=True, exist_ok=True)
     with open(root / LOCK, "a") as lock:
         _acquire(lock, root, progress)
-        try:
-            if not _marker_matches(root, params):  # another process may have finished it while we waited
-                _generate(root, params, progress)
+        try:  # another process may have finished either part while we waited
+            if not _marker_matches(root, params):
+                _generate(root, params, {"train": ("train", n_train), "val": ("val", n_val)}, progress)
+            if not _marker_matches(root / SELECTION_DIR, selection):
+                _generate(root / SELECTION_DIR, selection, {"val": ("select", selection["n_select"])}, progress)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return root
+
+
+def selection_params(seed: int, n_select: int, size: int) -> dict:
+    """The marker of the selection split's world: what ``root/selection/world.json`` records."""
+    return {"version": WORLD_VERSION, "seed": seed, "stream": "select", "n_select": n_select, "size": size,
+            "classes": list(CLASSES)}  # fmt: skip
+
+
+def selection_root(root: str | Path) -> Path:
+    """Where the selection split of the world at ``root`` lives (evaluate on it with ``data.eval_root``)."""
+    return Path(root).expanduser() / SELECTION_DIR
 
 
 def _marker_matches(root: Path, params: dict) -> bool:
@@ -203,22 +231,25 @@ def _acquire(lock, root: Path, progress: bool) -> None:
             print(f"synthetic world: {root} ready after {time.monotonic() - start:.0f} s of waiting", flush=True)
 
 
-def _generate(root: Path, params: dict, progress: bool) -> None:
-    """Render every scene into ``root/.building-PID``, then rename it into place and write the marker last."""
+def _generate(root: Path, params: dict, folders: dict[str, tuple[str, int]], progress: bool) -> None:
+    """Render every scene into ``root/.building-PID``, then rename it into place and write the marker last.
+
+    ``folders`` maps a layout folder (``train``, ``val``) to the stream its scenes come from and their number.
+    """
+    root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).unlink(missing_ok=True)
     for stale in root.glob(".building-*"):  # left by an interrupted run (we hold the lock: nobody else builds)
         shutil.rmtree(stale, ignore_errors=True)
     build = root / f".building-{os.getpid()}"
-    splits = {"train": params["n_train"], "val": params["n_val"]}
-    for split in splits:
-        (build / "images" / split).mkdir(parents=True)
-        (build / "annotations" / split).mkdir(parents=True)
-    jobs = [(split, i) for split, n in splits.items() for i in range(n)]
-    for split, i in tqdm(jobs, desc=f"synthetic world -> {root}", disable=not progress, unit="scene"):
-        scene = render_scene(scene_rng(params["seed"], split, i), params["size"])
-        name = f"{split}_{i:06d}.png"
-        Image.fromarray(scene.image).save(build / "images" / split / name)
-        Image.fromarray(scene.label).save(build / "annotations" / split / name)
+    for folder in folders:
+        (build / "images" / folder).mkdir(parents=True)
+        (build / "annotations" / folder).mkdir(parents=True)
+    jobs = [(folder, stream, i) for folder, (stream, n) in folders.items() for i in range(n)]
+    for folder, stream, i in tqdm(jobs, desc=f"synthetic world -> {root}", disable=not progress, unit="scene"):
+        scene = render_scene(scene_rng(params["seed"], stream, i), params["size"])
+        name = f"{stream}_{i:06d}.png"
+        Image.fromarray(scene.image).save(build / "images" / folder / name)
+        Image.fromarray(scene.label).save(build / "annotations" / folder / name)
     for sub in ("images", "annotations"):
         shutil.rmtree(root / sub, ignore_errors=True)
         (build / sub).rename(root / sub)
