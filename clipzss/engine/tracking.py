@@ -49,6 +49,17 @@ def rounded(value: float) -> float:
     return float(f"{float(value):.5g}")
 
 
+def tracking_user() -> str:
+    """Who MLflow records as the author of a run or a model version (``mlflow.user``): the login a tracking server
+    authenticates (``MLFLOW_TRACKING_USERNAME``), else this machine's user."""
+    import getpass
+
+    try:
+        return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        return "unknown"
+
+
 def source_tags() -> dict[str, str]:
     """MLflow's ``mlflow.source.*`` tags for the clipzss checkout that runs (empty git tags outside a checkout)."""
     import sys
@@ -56,7 +67,8 @@ def source_tags() -> dict[str, str]:
     from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
 
     package = str(Path(__file__).resolve().parents[1])
-    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": Path(sys.argv[0]).name or "python"}
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": Path(sys.argv[0]).name or "python",
+            "mlflow.user": tracking_user()}  # fmt: skip
     found = {
         "mlflow.source.git.commit": get_git_commit(package),
         "mlflow.source.git.branch": get_git_branch(package),
