@@ -3,24 +3,28 @@
 clipzss train [CONFIG] [key=value ...] [--resume]      train (same as accelerate launch clipzss/train.py)
 clipzss prepare DATASET --root DIR                     download + convert a dataset (or generate 'synthetic')
 clipzss validate DATASET --root DIR                    report every problem in a dataset root at once
-clipzss eval --checkpoint CKPT [DATASET --root DIR]    zero-shot / cross-dataset evaluation
+clipzss eval --checkpoint CKPT | --model URI [DATASET --root DIR]   zero-shot / cross-dataset evaluation
 clipzss segment IMAGE... --checkpoint CKPT | --model runs:/RUN/student --classes "cat,grass,sky"
-clipzss export --checkpoint CKPT --classes "a,b" --out DIR   ONNX model + vocabulary + loader (student only)
+clipzss export --checkpoint CKPT | --model URI --classes "a,b" --out DIR   ONNX model + vocabulary + loader
 clipzss ablate [--seeds 3]                             the synthetic ablation benchmark (table -> MLflow)
 clipzss bench                                          speed figures (K-Means, training step, inference)
 clipzss reliability [--out DIR]                        replay crashes, outages, races and bad input: fault -> outcome
 clipzss sync RUN_DIR                                   deliver a run's spooled MLflow records (after an outage)
 clipzss pretrain-teacher --out DIR                     regenerate the synthetic world's tiny CLIP teacher
+
+A failure prints one ``error: ...`` line and exits 1; ``--debug`` (or CLIPZSS_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
 from clipzss.bench import add_arguments as add_bench_arguments
 from clipzss.bench import run_from_args as bench_from_args
+from clipzss.cli_errors import DEBUG_FLAG, DEBUG_HELP, run_reporting_errors
+from clipzss.data.images import DEFAULT_MAX_PIXELS
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -50,11 +54,10 @@ def _eval(args: argparse.Namespace) -> int:
     from clipzss.config import set_value
     from clipzss.data.datasets import build_dataset
     from clipzss.engine.evaluate import evaluate
-    from clipzss.engine.segmenter import OpenVocabSegmenter
     from clipzss.metrics import format_table
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    segmenter = OpenVocabSegmenter.from_checkpoint(args.checkpoint, device)
+    segmenter = _segmenter(args, device)
     cfg = segmenter.cfg
     for item in args.set or []:
         key, _, value = item.partition("=")
@@ -71,28 +74,36 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _segment(args: argparse.Namespace) -> int:
+def _segmenter(args: argparse.Namespace, device: str = "cpu"):
+    """The segmenter of ``--checkpoint`` or ``--model`` (in ``--tracking-uri``'s store)."""
     from clipzss.engine.segmenter import OpenVocabSegmenter
 
-    if args.model:
-        import mlflow
+    return OpenVocabSegmenter.load(args.checkpoint, args.model, args.tracking_uri, args.trust_pickle, device)
 
-        from clipzss.engine.tracking import default_uri
 
-        mlflow.set_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri())
-        segmenter = OpenVocabSegmenter.from_mlflow(args.model)
-    else:
-        segmenter = OpenVocabSegmenter.from_checkpoint(args.checkpoint)
+def _segment(args: argparse.Namespace) -> int:
+    from clipzss.data.images import ImageModeError, ImageReadError
+
+    segmenter = _segmenter(args)
     segmenter.set_vocabulary(args.classes.split(","))
+    failed = []
     for image in args.images:
-        print(segmenter.segment_file(image, args.out))
+        try:
+            print(segmenter.segment_file(image, args.out, args.max_pixels))
+        except (ImageReadError, ImageModeError) as e:  # the other images are still worth segmenting
+            print(f"skipped: {e}", file=sys.stderr)
+            failed.append(str(e))
+    if failed:
+        raise ImageReadError(
+            f"{len(failed)} of {len(args.images)} image(s) could not be segmented:\n  " + "\n  ".join(failed)
+        )
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from clipzss.export import export_segmenter
 
-    export_segmenter(args.checkpoint, args.classes.split(","), args.out)
+    export_segmenter(_segmenter(args), args.classes.split(","), args.out)
     return 0
 
 
@@ -128,51 +139,89 @@ def _pretrain_teacher(args: argparse.Namespace) -> int:
     return pretrain_main(["--out", args.out])
 
 
+def _pixels(text: str) -> int:
+    """A pixel count as typed: ``40000000``, ``4e7`` or ``40M``."""
+    scale = 1_000_000 if text[-1:] in "mM" else 1
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a pixel count: {text!r} (e.g. 100000000, 1e8 or 100M)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 pixel, got {text!r}")
+    return value
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint FILE`` or ``--model URI`` (with its store), and the opt-in for pickled MLflow models."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="an exported model.pt or a training checkpoint")
+    source.add_argument(
+        "--model", help="an MLflow model URI logged by training: runs:/<run id>/student, models:/<name>/<version>"
+    )
+    p.add_argument("--tracking-uri", help="MLflow store of --model (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a --model logged as a pickled PyTorch module (mlflow.pytorch): unpickling runs whatever code "
+        "the pickle carries, so only for a store that no one else can write to",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipzss", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
+    parser = argparse.ArgumentParser(
+        prog="clipzss", description=__doc__, formatter_class=argparse.RawTextHelpFormatter, parents=[common]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a CLIP-ZSS student", add_help=False)
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = sub.add_parser("train", help="train a CLIP-ZSS student", add_help=False)  # train.py parses the rest
     p.set_defaults(func=None)
 
-    p = sub.add_parser("prepare", help="download and convert a dataset into its mmseg layout")
+    p = command("prepare", help="download and convert a dataset into its mmseg layout")
     p.add_argument("dataset")
     p.add_argument("--root", required=True)
     p.add_argument("--no-download", action="store_true", help="convert archives already in --root only")
     p.set_defaults(func=_prepare)
 
-    p = sub.add_parser("validate", help="scan a dataset root and report every problem with its file")
+    p = command("validate", help="scan a dataset root and report every problem with its file")
     p.add_argument("dataset")
     p.add_argument("--root", required=True)
     p.add_argument("--split", default="default")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset's zero-shot split or another vocabulary")
+    p = command("eval", help="evaluate a checkpoint on a dataset's zero-shot split or another vocabulary")
     p.add_argument("dataset", nargs="?", help="default: the checkpoint's training dataset")
-    p.add_argument("--checkpoint", required=True)
+    _add_model_source(p)
     p.add_argument("--root", help="dataset root (default: the checkpoint's data.root for its own dataset)")
     p.add_argument("--split", help="zero-shot split name (default: the checkpoint's, or the dataset's default)")
     p.add_argument("--set", nargs="*", help="config overrides for evaluation, e.g. data.test_stride=256")
     p.add_argument("--cpu", action="store_true")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("segment", help="segment images with any vocabulary (student only)")
+    p = command("segment", help="segment images with any vocabulary (student only)")
     p.add_argument("images", nargs="+")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="an exported model.pt or a training checkpoint")
-    source.add_argument("--model", help="an MLflow model URI logged by training, e.g. runs:/<run id>/student")
-    p.add_argument("--tracking-uri", help="MLflow store of --model (default: sqlite:///$PWD/mlflow.db)")
+    _add_model_source(p)
     p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,grass,sky"')
     p.add_argument("--out", default="segmentations")
+    p.add_argument(
+        "--max-pixels",
+        type=_pixels,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse images with more pixels (default {DEFAULT_MAX_PIXELS / 1e6:g}M; checked before decoding)",
+    )
     p.set_defaults(func=_segment)
 
-    p = sub.add_parser("export", help="export the student + a vocabulary as an ONNX model with its loader")
-    p.add_argument("--checkpoint", required=True)
+    p = command("export", help="export the student + a vocabulary as an ONNX model with its loader")
+    _add_model_source(p)
     p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,grass,sky"')
     p.add_argument("--out", required=True, help="folder for model.onnx, deploy.json and segment.py")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("ablate", help="synthetic ablation benchmark: baseline, +GLM, +PLM, full, supervised")
+    p = command("ablate", help="synthetic ablation benchmark: baseline, +GLM, +PLM, full, supervised")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--quick", action="store_true", help="CI-sized: a few steps per arm, checks the mechanics")
@@ -182,33 +231,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", action="store_true", help="evaluate on the selection split (choose; report on val)")
     p.set_defaults(func=_ablate)
 
-    p = sub.add_parser("bench", help="print speed figures measured on this machine (and log them to MLflow)")
+    p = command("bench", help="print speed figures measured on this machine (and log them to MLflow)")
     add_bench_arguments(p)
     p.set_defaults(func=bench_from_args)
 
-    p = sub.add_parser("reliability", help="replay faults against a real tiny training; print fault -> outcome")
+    p = command("reliability", help="replay faults against a real tiny training; print fault -> outcome")
     p.add_argument("--out", help="workspace for the runs (default: a new temporary folder)")
     p.set_defaults(func=_reliability)
 
-    p = sub.add_parser("sync", help="deliver a run's spooled MLflow records once the server answers again")
+    p = command("sync", help="deliver a run's spooled MLflow records once the server answers again")
     p.add_argument("run_dir")
     p.add_argument("--wait", type=float, default=60.0, help="give up after this many seconds (records stay spooled)")
     p.set_defaults(func=_sync)
 
-    p = sub.add_parser("pretrain-teacher", help="regenerate the synthetic world's tiny CLIP teacher")
+    p = command("pretrain-teacher", help="regenerate the synthetic world's tiny CLIP teacher")
     p.add_argument("--out", default="clipzss/assets")
     p.set_defaults(func=_pretrain_teacher)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a failure prints one ``error: ...`` line and returns 1 (``--debug``: the traceback)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         from clipzss.train import main as train_main
 
-        return train_main(argv[1:])
+        return run_reporting_errors(lambda: train_main(argv[1:]), argv)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_reporting_errors(lambda: args.func(args), argv)
 
 
 if __name__ == "__main__":

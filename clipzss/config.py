@@ -13,6 +13,7 @@ Fields marked [choice] are defaults that METHOD.md chose where the paper is sile
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -248,9 +249,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def _finite(value: Any) -> bool:
+    """False for a float (or a list holding one) that is ``nan`` or infinite."""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    return not any(isinstance(v, float) and not math.isfinite(v) for v in values)
+
+
 def check_values(cfg: Config) -> None:
-    """Raise :class:`ConfigError` listing every value that breaks its meaning (``clipzss.config_rules``)."""
-    problems = broken_rules(flatten(cfg))
+    """Raise :class:`ConfigError` listing every non-finite float (``nan``, ``inf``, in a list too: no key means one)
+    and every value that breaks its meaning (``clipzss.config_rules``)."""
+    flat = flatten(cfg)
+    nonfinite = [key for key, value in flat.items() if not _finite(value)]
+    problems = [f"{key}: must be a finite number, got {flat[key]!r}" for key in nonfinite]
+    problems += [p for p in broken_rules(flat) if p.split(":", 1)[0] not in nonfinite]  # one complaint per key
     if problems:
         raise ConfigError("invalid configuration value(s):\n  " + "\n  ".join(problems))
 

@@ -19,6 +19,7 @@ import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from torch import Tensor, nn
 
 from clipzss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clipzss.method.objective import seen_logits
+
+if TYPE_CHECKING:
+    from clipzss.engine.segmenter import OpenVocabSegmenter
 
 MIN_AGREEMENT = 0.999  # fraction of pixels whose argmax must match the torch path
 
@@ -107,14 +111,18 @@ def export_verified(model: nn.Module, path: Path, window: int) -> tuple[list[dic
     return checks, input_size
 
 
-def export_segmenter(checkpoint: str | Path, classes: Sequence[str], out: str | Path) -> dict:
-    """Write ``out``/model.onnx, deploy.json and segment.py for ``checkpoint`` and the vocabulary ``classes``.
+def export_segmenter(source: str | Path | OpenVocabSegmenter, classes: Sequence[str], out: str | Path) -> dict:
+    """Write ``out``/model.onnx, deploy.json and segment.py for the vocabulary ``classes``.
+
+    Args:
+        source: a checkpoint file, or a loaded segmenter (``OpenVocabSegmenter.load``: a checkpoint or an MLflow
+            model, whose weights only are read).
 
     Returns the deploy.json content. Raises RuntimeError when no export reproduces the torch path.
     """
     from clipzss.engine.segmenter import OpenVocabSegmenter
 
-    segmenter = OpenVocabSegmenter.from_checkpoint(checkpoint)
+    segmenter = source if isinstance(source, OpenVocabSegmenter) else OpenVocabSegmenter.from_checkpoint(source)
     segmenter.set_vocabulary(classes)
     model = BakedClassifier(segmenter.student, segmenter.text, segmenter.alpha).eval()
     d = segmenter.cfg.data

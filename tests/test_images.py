@@ -10,7 +10,7 @@ from PIL import Image
 from clipzss.cli import main as cli
 from clipzss.config import DataConfig
 from clipzss.data.datasets import build_dataset
-from clipzss.data.images import ImageModeError, to_rgb
+from clipzss.data.images import ImageModeError, ImageReadError, open_image, to_rgb
 from clipzss.data.validate import validate_dataset
 from clipzss.engine.segmenter import OpenVocabSegmenter
 
@@ -85,7 +85,7 @@ def test_dataset_and_validate_read_a_16_bit_image_faithfully(tmp_path):
     assert image.shape == (3, 12, 16) and image.std() > 0.5  # a gradient, not a white page
 
 
-def test_segment_reads_a_16_bit_png_and_refuses_duplicate_classes(trained_run, tmp_path):
+def test_segment_reads_a_16_bit_png_and_refuses_duplicate_classes(trained_run, tmp_path, capsys):
     path = tmp_path / "deep.png"
     Image.fromarray(GRADIENT).save(path)
     segmenter = OpenVocabSegmenter.from_checkpoint(trained_run / "model.pt")
@@ -93,5 +93,20 @@ def test_segment_reads_a_16_bit_png_and_refuses_duplicate_classes(trained_run, t
     assert np.allclose(segmenter.preprocess(Image.open(path)), segmenter.preprocess(eight_bit), atol=0.02)
     assert cli(["segment", str(path), "--checkpoint", str(trained_run / "model.pt"), "--classes", "cat,sky",
                 "--out", str(tmp_path / "seg")]) == 0  # fmt: skip
-    with pytest.raises(ValueError, match="class name.s. given more than once: cat"):
-        cli(["segment", str(path), "--checkpoint", str(trained_run / "model.pt"), "--classes", "cat,sky, cat"])
+    assert cli(["segment", str(path), "--checkpoint", str(trained_run / "model.pt"), "--classes", "cat,sky, cat"]) == 1
+    assert "error: class name(s) given more than once: cat (each class needs one name)" in capsys.readouterr().err
+
+
+def test_open_image_caps_pixels_on_the_header_and_leaves_pillow_s_limit_as_it_was(tmp_path):
+    path = tmp_path / "wide.png"
+    Image.fromarray(GRADIENT).save(path)  # 16 x 12
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageReadError, match=r"wide\.png: 16 x 12 = 0\.000192 MP is over the 0\.000191 MP limit"):
+        open_image(path, max_pixels=191)
+    assert open_image(path, max_pixels=192).size == (16, 12) and Image.MAX_IMAGE_PIXELS == pillow_limit
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ImageReadError, match=r"folder: is a directory"):
+        open_image(tmp_path / "folder")
+    with pytest.raises(ImageReadError, match=r"cannot read image .*missing\.png"):
+        open_image(tmp_path / "missing.png")
+    assert Image.MAX_IMAGE_PIXELS == pillow_limit

@@ -58,11 +58,11 @@ def test_segment_cli_writes_overlay_with_legend(trained_run, tmp_path, capsys):
     assert picture.shape[1] > 2 * 192  # image | overlay, each enlarged, plus a legend column
 
 
-def test_segment_cli_names_an_unreadable_image(trained_run, tmp_path):
+def test_segment_cli_names_an_unreadable_image(trained_run, tmp_path, capsys):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
-    with pytest.raises(ValueError, match=r"broken\.jpg"):
-        cli(["segment", str(bad), "--checkpoint", str(trained_run / "model.pt"), "--classes", "cat"])
+    assert cli(["segment", str(bad), "--checkpoint", str(trained_run / "model.pt"), "--classes", "cat"]) == 1
+    assert f"\n  cannot read image {bad}: cannot identify image file" in capsys.readouterr().err
 
 
 def test_eval_cli_on_own_split_and_cross_dataset(trained_run, tmp_path, capsys):

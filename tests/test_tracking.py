@@ -13,6 +13,7 @@ from tiny_run import REPO, assert_loads_as_student, tiny_overrides
 from clipzss.cli import main as cli
 from clipzss.config import load_config
 from clipzss.data.splits import load_split
+from clipzss.engine.mlflow_flavor import load_student
 from clipzss.engine.segmenter import SYNTHETIC_TEACHER, OpenVocabSegmenter
 from clipzss.engine.tracking import Tracker, param_value, rounded
 from clipzss.train import train
@@ -77,10 +78,11 @@ def test_the_student_is_an_mlflow_model_that_segment_loads(tracked, tmp_path, ca
     monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)  # restored after the test (later subprocesses)
     mlflow.set_tracking_uri(client.tracking_uri)
     info = mlflow.models.get_model_info(uri)
-    assert info.flavors.keys() >= {"pytorch", "python_function"}
+    assert info.flavors.keys() == {"clipzss", "python_function"}  # weights + config; no pickled pytorch flavour
+    assert info.flavors["python_function"]["loader_module"] == "clipzss.engine.mlflow_flavor"
     assert info.signature.inputs.inputs[0].shape == (-1, 3, -1, -1)
     assert_loads_as_student(uri, client.tracking_uri)  # in a user's fresh process too
-    student = mlflow.pytorch.load_model(uri)
+    student = load_student(uri).student
     reference = OpenVocabSegmenter.from_checkpoint(out / "model.pt")
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -88,9 +90,10 @@ def test_the_student_is_an_mlflow_model_that_segment_loads(tracked, tmp_path, ca
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(photo)
     classes = ["--classes", "aeroplane,bicycle,person"]
-    cli(["segment", str(photo), "--model", uri, "--tracking-uri", client.tracking_uri, "--out", str(tmp_path / "a")]
-        + classes)  # fmt: skip
-    cli(["segment", str(photo), "--checkpoint", str(out / "model.pt"), "--out", str(tmp_path / "b")] + classes)
+    assert cli(["segment", str(photo), "--model", uri, "--tracking-uri", client.tracking_uri,
+                "--out", str(tmp_path / "a")] + classes) == 0  # fmt: skip
+    checkpoint = ["--checkpoint", str(out / "model.pt")]
+    assert cli(["segment", str(photo), *checkpoint, "--out", str(tmp_path / "b")] + classes) == 0
     a, b = (np.asarray(Image.open(tmp_path / d / "photo_seg.png")) for d in ("a", "b"))
     assert np.array_equal(a, b)
     assert "warning" not in capsys.readouterr().err  # a real CLIP-style teacher: any word goes

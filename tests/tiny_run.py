@@ -68,21 +68,27 @@ def tiny_overrides(assets, out: Path, **extra) -> list[str]:
 
 
 def assert_loads_as_student(uri: str, tracking_uri: str) -> None:
-    """``mlflow.pytorch.load_model(uri)`` in a fresh Python process (as a user's script) gives a working student:
-    [1, 3, 32, 32] -> unit-norm features [1, C, 8, 8]."""
+    """The logged model loads in a fresh Python process (as a user's script), through clipzss's loader and through
+    ``mlflow.pyfunc``, as a working student: [1, 3, 32, 32] -> unit-norm features [1, C, 8, 8]; nothing is unpickled
+    (``pickle.load(s)`` and ``torch.load`` fail if anything calls them)."""
     import subprocess
     import sys
 
     code = (
-        "import sys, mlflow, mlflow.pytorch, torch\n"
+        "import json, sys, pickle, mlflow, mlflow.pyfunc, torch\n"
+        "def refuse(*a, **k):\n"
+        "    raise AssertionError('unpickled')\n"
+        "pickle.loads = pickle.load = torch.load = refuse\n"
+        "from clipzss.engine.mlflow_flavor import load_student\n"
         "mlflow.set_tracking_uri(sys.argv[2])\n"
-        "student = mlflow.pytorch.load_model(sys.argv[1], map_location='cpu')\n"
+        "student = load_student(sys.argv[1]).student\n"
         "with torch.no_grad():\n"
         "    out = student(torch.rand(1, 3, 32, 32))\n"
-        "print('FEATURES', tuple(out.shape), float(out.norm(dim=1).mean()))\n"
+        "served = mlflow.pyfunc.load_model(sys.argv[1]).predict(torch.rand(1, 3, 32, 32).numpy())\n"
+        "print('FEATURES', json.dumps([list(out.shape), float(out.norm(dim=1).mean()), list(served.shape)]))\n"
     )
     done = subprocess.run([sys.executable, "-c", code, uri, tracking_uri], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("FEATURES"))
-    shape, norm = line.split(" ", 1)[1].rsplit(" ", 1)
-    assert shape.endswith(", 8, 8)") and shape.startswith("(1, ") and abs(float(norm) - 1) < 1e-4, line
+    shape, norm, served = json.loads(line.split(" ", 1)[1])
+    assert shape[0] == 1 and shape[2:] == [8, 8] and abs(norm - 1) < 1e-4 and served == shape, line

@@ -11,6 +11,9 @@ under transparent pixels shows. The rules here, one per mode family:
   values outside that range is refused (its scale is unknown).
 - Alpha (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La``, ``P`` with transparency): composited over white.
 - ``F`` (32-bit float): refused, there is no agreed brightness range.
+
+:func:`open_image` reads a file under a pixel cap checked on the header, before any pixel is decoded: a segmentation
+costs tens of bytes per pixel, so a 1 MB PNG of 20,000 x 20,000 pixels would otherwise take gigabytes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from PIL import Image, ImageCms
 EXACT = ("RGB", "1", "L", "RGBX", "YCbCr", "HSV")
 WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+DEFAULT_MAX_PIXELS = 40_000_000  # ~40 MP: a 7,000 x 5,700 photo; segment's peak memory at this size is benchmarked
 
 
 class ImageModeError(ValueError):
@@ -32,6 +36,41 @@ class ImageModeError(ValueError):
     def __init__(self, source: str | Path, reason: str):
         super().__init__(f"{source}: {reason}")
         self.reason = reason
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be read (missing, a folder, truncated, not an image, over the pixel cap)."""
+
+
+def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image file ``path`` decoded as 8-bit RGB (:func:`to_rgb`), refused when larger than ``max_pixels``.
+
+    Pillow's own decompression-bomb limits (a warning over 89 MP, an error over 179 MP) give way to ``max_pixels``
+    (checked on the header, before decoding): one number bounds what a caller accepts, above or below them.
+
+    Raises:
+        ImageReadError: the file is missing, a directory, not a readable image, or over ``max_pixels``.
+        ImageModeError: its pixel mode has no faithful RGB conversion.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ImageReadError(f"{path}: is a directory, not an image file")
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the cap below replaces Pillow's
+    try:
+        with Image.open(path) as raw:
+            width, height = raw.size
+            if width * height > max_pixels:
+                raise ImageReadError(
+                    f"{path}: {width} x {height} = {width * height / 1e6:.4g} MP is over the {max_pixels / 1e6:.4g} MP "
+                    "limit (--max-pixels raises it; segmenting costs tens of bytes of memory per pixel)"
+                )
+            raw.load()
+            return to_rgb(raw, path)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:  # SyntaxError: Pillow's broken-header error
+        raise ImageReadError(f"cannot read image {path}: {e}") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def to_rgb(image: Image.Image, source: str | Path = "image") -> Image.Image:

@@ -5,6 +5,7 @@ Only the student runs on images. CLIP's text tower embeds the vocabulary once; n
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,10 +15,11 @@ import torch
 from PIL import Image
 
 from clipzss.config import Config, from_dict
-from clipzss.data.images import to_rgb
+from clipzss.data.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
 from clipzss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clipzss.engine.checkpoint import load_model_bundle
 from clipzss.engine.inference import predict
+from clipzss.engine.mlflow_flavor import load_student
 from clipzss.engine.visualize import segmentation_panel
 from clipzss.models.students import build_student
 from clipzss.models.teacher import CLIPTeacher
@@ -82,18 +84,38 @@ class OpenVocabSegmenter:
         return cls(cfg, student, float(bundle.get("alpha", cfg.loss.alpha)), text_encoder, device)
 
     @classmethod
-    def from_mlflow(cls, uri: str, device: str | torch.device = "cpu") -> OpenVocabSegmenter:
-        """Load a student logged by training as an MLflow model (``runs:/<run id>/student``, ``models:/...``);
-        its config and logit scale come from the model's metadata. The tracking store is MLflow's current one."""
-        import mlflow.pytorch
-        from mlflow.models import get_model_info
+    def from_mlflow(
+        cls, uri: str, device: str | torch.device = "cpu", trust_pickle: bool = False
+    ) -> OpenVocabSegmenter:
+        """Load a student logged by training as an MLflow model (``runs:/<run id>/student``, ``models:/...``) from
+        MLflow's current tracking store: its architecture is built by clipzss and only its weights are read.
 
-        metadata = get_model_info(uri).metadata or {}
-        if "clipzss_config" not in metadata:
-            raise ValueError(f"{uri} is not a clipzss student (its MLmodel metadata has no 'clipzss_config')")
-        cfg = from_dict(metadata["clipzss_config"])
-        student = mlflow.pytorch.load_model(uri, map_location="cpu")
-        return cls(cfg, student, float(metadata["alpha"]), CLIPTeacher(cfg.teacher), device)
+        Args:
+            trust_pickle: load a model logged as a pickled module (``mlflow.pytorch``), which runs whatever code the
+                pickle carries; without it such a model raises ``PickledModelError``.
+        """
+        loaded = load_student(uri, trust_pickle)
+        return cls(loaded.cfg, loaded.student, loaded.alpha, CLIPTeacher(loaded.cfg.teacher), device)
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | Path | None = None,
+        model: str | None = None,
+        tracking_uri: str | None = None,
+        trust_pickle: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> OpenVocabSegmenter:
+        """A segmenter from a ``checkpoint`` file or an MLflow ``model`` URI (exactly one), the CLI's and notebooks'
+        one call: ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI``, else ``./mlflow.db``) is the model's store."""
+        if (checkpoint is None) == (model is None):
+            raise ValueError("give exactly one of a checkpoint file or an MLflow model URI")
+        if checkpoint is not None:
+            return cls.from_checkpoint(checkpoint, device)
+        from clipzss.engine.tracking import current_store, default_uri
+
+        with current_store(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()):
+            return cls.from_mlflow(model, device, trust_pickle)
 
     def set_vocabulary(self, class_names: Sequence[str]) -> None:
         """Embed the class names once (prompt ensemble); every later ``segment`` call reuses them."""
@@ -141,14 +163,14 @@ class OpenVocabSegmenter:
         """Image | segmentation, titled, with a legend of the classes present."""
         return segmentation_panel(np.asarray(to_rgb(image)), labels, self.vocabulary)
 
-    def segment_file(self, path: str | Path, out_dir: str | Path) -> Path:
-        """Segment one image file and write ``<out_dir>/<stem>_seg.png`` (overlay + legend)."""
+    def segment_file(self, path: str | Path, out_dir: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
+        """Segment one image file and write ``<out_dir>/<stem>_seg.png`` (overlay + legend).
+
+        Raises:
+            ImageReadError: the file is unreadable or has more than ``max_pixels`` pixels (checked before decoding).
+        """
         path = Path(path)
-        try:
-            with Image.open(path) as raw:
-                image = to_rgb(raw, path)
-        except OSError as e:
-            raise ValueError(f"cannot read image {path}: {e}") from e
+        image = open_image(path, max_pixels)
         labels = self.segment(image)
         out = Path(out_dir) / f"{path.stem}_seg.png"
         out.parent.mkdir(parents=True, exist_ok=True)

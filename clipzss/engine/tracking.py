@@ -3,7 +3,8 @@
 What a user of MLflow expects, where MLflow's own docs put it: model-training experiments (not GenAI ones), params as
 the dotted config keys in the ``key=[4, 8, 16]`` form typed on the command line, flat scalar metrics rounded to 5
 significant digits (``train/loss/total``, ``val/hIoU``, ``val/IoU/<class>``), git commit/source tags, a description,
-the dataset as a run input, system metrics on request and the student as an MLflow PyTorch model.
+the dataset as a run input, system metrics on request and the student as a clipzss MLflow model (weights and config,
+no pickle).
 The default store is a local SQLite file (MLflow 3 has retired the plain file store).
 """
 
@@ -139,6 +140,25 @@ def quick_http():
                 os.environ[key] = value
 
 
+@contextmanager
+def current_store(uri: str):
+    """Make ``uri`` MLflow's current store inside (for the fluent APIs, and the registry, which resolves a logged
+    model in the current store); then restore the previous one, and ``MLFLOW_TRACKING_URI``, which
+    ``mlflow.set_tracking_uri`` also sets (child processes would inherit it)."""
+    import mlflow
+
+    previous, variable = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if variable is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = variable
+
+
 def _sqlite_file(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` store; None for any other store."""
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
@@ -269,20 +289,20 @@ class Tracker:
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
 
     def log_student(self, bundle: str | Path, name: str = "student") -> str:
-        """Log the student of an exported ``model.pt`` as an MLflow PyTorch model with a signature (images
-        [B, 3, H, W] -> R [B, C, h, w]) and, in the model's metadata, its config, alpha and embed_dim (what
-        ``clipzss segment --model runs:/...`` reads); returns its URI. A path, not a module: the call is journalled
-        by the spool, and a module fresh from the file is free of a trained one's unpicklable hook state. A run that
-        already has a model of that name keeps it (a completed run finished again logs no second copy)."""
+        """Log the student of an exported ``model.pt`` as a clipzss MLflow model (safetensors weights + config,
+        :mod:`clipzss.engine.mlflow_flavor`: nothing in it is pickled) with a signature (images [B, 3, H, W] ->
+        R [B, C, h, w]) and, in the model's metadata, its config, alpha and embed_dim; returns its URI. A path, not
+        a module: the call is journalled by the spool. A run that already has a model of that name keeps it (a
+        completed run finished again logs no second copy)."""
         from importlib.metadata import version
 
-        import mlflow.pytorch
         import torch
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
         from clipzss.config import from_dict
         from clipzss.engine.checkpoint import load_model_bundle
+        from clipzss.engine.mlflow_flavor import log_student
         from clipzss.models.students import build_student
 
         uri = f"runs:/{self.run_id}/{name}"
@@ -293,41 +313,22 @@ class Tracker:
         saved = load_model_bundle(bundle)
         student = build_student(from_dict(saved["config"]).student, saved["embed_dim"])
         student.load_state_dict(saved["student"])
-        extra = {"alpha": float(saved["alpha"]), "embed_dim": int(saved["embed_dim"])}
+        meta = {"config": saved["config"], "alpha": float(saved["alpha"]), "embed_dim": int(saved["embed_dim"])}
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1), "images")]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, extra["embed_dim"], -1, -1), "features")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, meta["embed_dim"], -1, -1), "features")]),
         )
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"clipzss=={version('clipzss')}"]
-        with (
+        with (  # the active run decides the logged model's experiment
             self.as_current_store(),
             self._mlflow.start_run(run_id=self.run_id, nested=self._mlflow.active_run() is not None),
         ):
-            mlflow.pytorch.log_model(
-                student.eval(),
-                name=name,
-                signature=signature,
-                metadata={"clipzss_config": saved["config"], **extra},
-                pip_requirements=requirements,
-                serialization_format="pickle",  # "pt2" (a traced graph) would need an example input
-            )
+            log_student(self.run_id, name, student.eval(), meta, signature, requirements)
         return uri
 
-    @contextmanager
     def as_current_store(self):
-        """Make this run's store MLflow's current one inside (for the fluent APIs, and the registry, which resolves a
-        logged model in the current store); then restore the previous one, and ``MLFLOW_TRACKING_URI``, which
-        ``mlflow.set_tracking_uri`` also sets (child processes would inherit it)."""
-        previous, variable = self._mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
-        self._mlflow.set_tracking_uri(self.uri)
-        try:
-            yield
-        finally:
-            self._mlflow.set_tracking_uri(previous)
-            if variable is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = variable
+        """This run's store as MLflow's current one inside (:func:`current_store`)."""
+        return current_store(self.uri)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
