@@ -91,6 +91,8 @@ def _segment(args: argparse.Namespace) -> int:
         try:
             print(segmenter.segment_file(image, args.out, args.max_pixels))
         except (ImageReadError, ImageModeError) as e:  # the other images are still worth segmenting
+            if len(args.images) == 1:
+                raise
             print(f"skipped: {e}", file=sys.stderr)
             failed.append(str(e))
     if failed:

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from clipzss.cli_errors import DEBUG_FLAG, DEBUG_HELP, run_reporting_errors
 from clipzss.config import Config, check_values, flatten, load_config, save_config, to_dict
 from clipzss.data.datasets import build_dataset
 from clipzss.engine.checkpoint import (
@@ -540,6 +541,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
         "items", nargs="*", help="an optional CONFIG.yaml or preset name, then section.key=value overrides"
     )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.output_dir")
+    parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)  # read by run_reporting_errors
     args = parser.parse_args(argv)
     config = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
@@ -562,4 +564,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_reporting_errors(main, sys.argv[1:]))

@@ -62,7 +62,7 @@ def test_segment_cli_names_an_unreadable_image(trained_run, tmp_path, capsys):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
     assert cli(["segment", str(bad), "--checkpoint", str(trained_run / "model.pt"), "--classes", "cat"]) == 1
-    assert f"\n  cannot read image {bad}: cannot identify image file" in capsys.readouterr().err
+    assert f"error: cannot read image {bad}: cannot identify image file" in capsys.readouterr().err
 
 
 def test_eval_cli_on_own_split_and_cross_dataset(trained_run, tmp_path, capsys):
