@@ -20,10 +20,11 @@ from clipzss.sweep.summary import METRIC  # noqa: E402
 
 def test_smoke_defaults_and_explicit_flags():
     opts = backbones.parse_args(["--smoke"])
-    assert (opts.samples, opts.max_concurrent, opts.cpus_per_trial, opts.gpus_per_trial) == (2, 2, 1.0, 0.0)
+    assert (opts.samples, opts.max_concurrent, opts.shape.cpus_per_worker, opts.shape.gpus_per_worker) == (2, 2, 1, 0)
+    assert opts.shape.workers({"student.arch": "segformer_tiny"}) == 1
     assert (opts.archs, opts.scales) == (space.SMOKE_ARCHS, space.SMOKE_SCALES)
     opts = backbones.parse_args(["--archs", "swin_tiny,resnet50", "--scales", "8", "4,8", "--samples", "5"])
-    assert (opts.archs, opts.scales, opts.samples, opts.gpus_per_trial) == (
+    assert (opts.archs, opts.scales, opts.samples, opts.shape.gpus_per_worker) == (
         ("swin_tiny", "resnet50"),
         ("8", "4,8"),
         5,

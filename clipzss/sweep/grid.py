@@ -38,7 +38,7 @@ def open_cell_runs(sweep: Sweep, opts: SweepOptions) -> dict[str, Tracker]:
 
 
 def trial_record(result, devices: float) -> dict[str, Any]:
-    """One finished trial as a row of :func:`clipzss.sweep.table.cell_table`."""
+    """One finished trial as a row of :func:`clipzss.sweep.table.cell_table`; ``devices``: what the trial held."""
     m = result.metrics
     record = {"backbone": result.config["student.arch"], "scales": result.config["plm.kmeans.scales"],
               "seed": result.config["run.seed"], **{k: m[f"val/{k}"] for k in METRICS},
@@ -77,8 +77,8 @@ def run_benchmark(opts: SweepOptions) -> dict[str, Any]:
         _finish(sweep, cells, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     close_children(sweep, [c.run_id for c in cells.values()], results)
-    devices = opts.gpus_per_trial if opts.gpus_per_trial > 0 else 1.0
-    records = [trial_record(r, devices) for r in results if not r.error and r.metrics and "cost/gflops" in r.metrics]
+    records = [trial_record(r, opts.shape.devices(r.config)) for r in results
+               if not r.error and r.metrics and "cost/gflops" in r.metrics]  # fmt: skip
     if not records:
         _finish(sweep, cells, "FAILED")
         raise RuntimeError(f"sweep {sweep.name}: no trial finished; first error: {results.errors[:1]!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
+from clipzss.sweep.shape import PLACEMENTS, TrialShape, parse_workers
 from clipzss.sweep.space import ARCHS, SCALES, SMOKE_ARCHS, SMOKE_SCALES
 
 SMOKE_OVERRIDES = (
@@ -28,8 +29,7 @@ class SweepOptions:
     config: str | None = "synthetic"  # preset name or YAML file; None = code defaults only
     overrides: list[str] = field(default_factory=list)  # fixed ``key=value`` for every trial
     max_concurrent: int = 4
-    cpus_per_trial: float = 4.0
-    gpus_per_trial: float = 1.0  # at most 1: a trial is one Accelerate process (fractions share a GPU)
+    shape: TrialShape = field(default_factory=TrialShape)  # workers per trial, what each holds, placement
     storage: str = ""  # Ray's results: an absolute folder or a URI (s3://...); "" = <cwd>/runs/sweeps
     name: str = ""  # "" = <script>_<timestamp>; --resume needs the name of the sweep to continue
     resume: bool = False
@@ -52,8 +52,26 @@ def add_common_arguments(p: argparse.ArgumentParser, default_name: str) -> None:
     p.add_argument("--archs", help=f"comma-separated student.arch values (default {','.join(ARCHS)})")
     p.add_argument("--scales", nargs="+", help=f"plm.kmeans.scales values (default {' '.join(SCALES)})")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default 4; 2 with --smoke)")
-    p.add_argument("--cpus-per-trial", type=float, help="default 4; 1 with --smoke")
-    p.add_argument("--gpus-per-trial", type=float, help="0, a fraction, or 1 (default 1; 0 with --smoke)")
+    p.add_argument(
+        "--workers-per-trial",
+        default="1",
+        metavar="N|ARCH=N,...,N",
+        help="Ray Train workers (Accelerate processes) per trial: one number, or per student.arch with a default, "
+        "e.g. segformer_b0=1,swin_base=4,2 (default 1: a plain one-process trial)",
+    )
+    p.add_argument("--cpus-per-worker", "--cpus-per-trial", type=float, help="default 4; 1 with --smoke")
+    p.add_argument(
+        "--gpus-per-worker",
+        "--gpus-per-trial",
+        type=float,
+        help="0, a fraction (one-worker trials), or 1 (default 1; 0 with --smoke)",
+    )
+    p.add_argument(
+        "--placement",
+        choices=sorted(PLACEMENTS),
+        default="pack",
+        help="a trial's workers on as few nodes as possible (pack, default) or one per node where possible (spread)",
+    )
     p.add_argument("--storage", default="", help="absolute folder or URI of Ray's results (default <cwd>/runs/sweeps)")
     p.add_argument("--name", default="", help=f"sweep name (default {default_name}_<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue sweep --name (give the same --config, --set)")
@@ -79,8 +97,12 @@ def common_options(a: argparse.Namespace, **extra) -> SweepOptions:
         config=a.config,
         overrides=a.set,
         max_concurrent=pick(a.max_concurrent, 4, 2),
-        cpus_per_trial=pick(a.cpus_per_trial, 4.0, 1.0),
-        gpus_per_trial=pick(a.gpus_per_trial, 1.0, 0.0),
+        shape=TrialShape(
+            *parse_workers(a.workers_per_trial),
+            cpus_per_worker=pick(a.cpus_per_worker, 4.0, 1.0),
+            gpus_per_worker=pick(a.gpus_per_worker, 1.0, 0.0),
+            placement=a.placement,
+        ),
         storage=a.storage,
         name=a.name,
         resume=a.resume,

@@ -17,6 +17,7 @@ from clipzss.ablation import train_job
 from clipzss.config import load_config
 from clipzss.sweep.options import SweepOptions
 from clipzss.sweep.search import run_search
+from clipzss.sweep.shape import TrialShape
 from clipzss.sweep.space import first_points, sample_overrides, search_space
 from clipzss.train import prepare_data_root
 
@@ -46,7 +47,8 @@ def measure_overhead(config: str, steps: int, overrides: list[str], workdir: Pat
 
     first = _direct(config, points, fixed, workdir / "direct_1")
     opts = SweepOptions(config=config, overrides=fixed, archs=(ARCH,), scales=SCALES, samples=len(points),
-                        max_concurrent=2, cpus_per_trial=1.0, gpus_per_trial=0.0, storage=str(workdir / "ray"),
+                        max_concurrent=2, shape=TrialShape(cpus_per_worker=1.0, gpus_per_worker=0.0),
+                        storage=str(workdir / "ray"),
                         name=f"overhead_{time.strftime('%Y%m%d_%H%M%S')}")  # fmt: skip
     start = time.perf_counter()
     run_search(opts)

@@ -16,6 +16,7 @@ from typing import Any
 from clipzss.config import Config, TrackingConfig, flatten, load_config, preset_path
 from clipzss.engine.tracking import Tracker, default_uri
 from clipzss.sweep.options import SMOKE_OVERRIDES, SweepOptions
+from clipzss.sweep.shape import check_shape
 from clipzss.sweep.trainable import run_trial
 
 # Relative paths would break inside trials (Ray moves each trial into its own working folder): made absolute.
@@ -45,11 +46,7 @@ def _absolute_paths(cfg: Config) -> list[str]:
 
 def prepare(opts: SweepOptions, kind: str) -> Sweep:
     """Check the options, resolve names and paths, open (or, resuming, reopen) the MLflow parent run."""
-    if opts.gpus_per_trial > 1:
-        raise ValueError(
-            f"--gpus-per-trial {opts.gpus_per_trial}: a trial is one Accelerate process (one GPU at most); for "
-            "several GPUs per run use `accelerate launch --multi_gpu` on clipzss/train.py"
-        )
+    check_shape(opts.shape, opts.archs)
     storage = opts.storage or str(Path.cwd() / "runs" / "sweeps")
     remote = "://" in storage  # e.g. s3://bucket/path: the shared storage a multi-node cluster needs
     if not remote and not Path(storage).is_absolute():
@@ -71,7 +68,11 @@ def prepare(opts: SweepOptions, kind: str) -> Sweep:
         tracking = TrackingConfig(uri=uri, experiment=base.tracking.experiment)
         parent = Tracker(tracking, local_dir / "mlflow_parent", run_name=f"{kind} {name}")
         parent.log_params({"sweep.kind": kind, "sweep.config": opts.config, "sweep.archs": opts.archs,
-                           "sweep.scales": opts.scales, "sweep.overrides": " ".join(opts.overrides)})  # fmt: skip
+                           "sweep.scales": opts.scales, "sweep.overrides": " ".join(opts.overrides),
+                           "sweep.workers_per_trial": opts.shape.spec(),
+                           "sweep.cpus_per_worker": opts.shape.cpus_per_worker,
+                           "sweep.gpus_per_worker": opts.shape.gpus_per_worker,
+                           "sweep.placement": opts.shape.placement})  # fmt: skip
         if opts.resume:
             parent.set_tags({"clipzss.resumed": time.strftime("%Y-%m-%d %H:%M:%S")})
     return Sweep(name, experiment, local_dir, config, base, fixed, parent)
@@ -113,10 +114,12 @@ def fit(sweep: Sweep, opts: SweepOptions, space: dict[str, Any], tune_config, **
     started = False
     try:
         started = _connect(opts)
+        shape = opts.shape
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, config=sweep.config, fixed=sweep.fixed,
+            tune.with_parameters(run_trial, config=sweep.config, fixed=sweep.fixed, shape=shape,
+                                 max_failures=opts.max_failures,
                                  parent_run_id=sweep.parent.run_id if sweep.parent else "", **trial_kwargs),
-            {"cpu": opts.cpus_per_trial, "gpu": opts.gpus_per_trial},
+            lambda sample: tune.PlacementGroupFactory([shape.resources(sample)]),
         )  # fmt: skip
         if opts.resume:
             if not tune.Tuner.can_restore(sweep.experiment):

@@ -12,6 +12,7 @@ Two hazards of Ray 2.60 are handled here, where a trial starts (a trial that the
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from typing import Any
 from clipzss.config import Config, load_config, set_value
 from clipzss.engine.checkpoint import CHECKPOINT_DIR, MODEL_FILE, latest_checkpoint
 from clipzss.engine.tracking import RUN_ID_FILE
+from clipzss.sweep.shape import TrialShape
 from clipzss.sweep.space import sample_overrides
 
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
@@ -41,13 +43,19 @@ def _tune_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
 def restore_latest_checkpoint(output_dir: Path) -> Path | None:
     """Copy the highest-step checkpoint this trial ever reported (from its storage, local or s3://) into
     ``<output_dir>/checkpoints``; returns the local file, or None for a first start."""
-    from pyarrow.fs import FileSelector, FileType, copy_files
     from ray import tune
 
     storage = tune.get_context().get_storage()
-    fs = storage.storage_filesystem
+    return fetch_latest_checkpoint(storage.storage_filesystem, storage.trial_fs_path, output_dir)
+
+
+def fetch_latest_checkpoint(fs, root: str, output_dir: Path) -> Path | None:
+    """The highest-step ``step_<N>.pt`` in any ``checkpoint_*`` folder under ``root`` (a pyarrow filesystem path),
+    copied into ``<output_dir>/checkpoints`` unless already there; None when there is none."""
+    from pyarrow.fs import FileSelector, FileType, copy_files
+
     found = []
-    for info in fs.get_file_info(FileSelector(storage.trial_fs_path, allow_not_found=True, recursive=True)):
+    for info in fs.get_file_info(FileSelector(root, allow_not_found=True, recursive=True)):
         parent = Path(info.path).parent.name
         if info.type == FileType.File and parent.startswith("checkpoint_") and (m := _STEP_FILE.search(info.path)):
             found.append((int(m.group(1)), info.path))
@@ -57,7 +65,9 @@ def restore_latest_checkpoint(output_dir: Path) -> Path | None:
     target = output_dir / CHECKPOINT_DIR / Path(path).name
     if latest_checkpoint(output_dir) != target:
         target.parent.mkdir(parents=True, exist_ok=True)
-        copy_files(path, str(target), source_filesystem=fs)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.part")  # workers of one node may fetch at once
+        copy_files(path, str(partial), source_filesystem=fs)
+        os.replace(partial, target)
     return target
 
 
@@ -106,6 +116,8 @@ def run_trial(
     parent_run_id: str,
     cell_runs: dict[str, str] | None = None,
     measure_cost: bool = False,
+    shape: TrialShape | None = None,
+    max_failures: int = 1,
 ) -> None:
     """One real ``train()`` on the base config + fixed overrides + ``sample`` (Tune's function trainable).
 
@@ -115,10 +127,18 @@ def run_trial(
         parent_run_id: the sweep's MLflow run this trial's run is nested under ...
         cell_runs: ... or, for a benchmark grid, the run of each cell ``"<arch>/<scales>"`` (see :func:`cell_key`).
         measure_cost: the last report also carries the student's ``cost/...`` figures (:mod:`clipzss.sweep.cost`).
+        shape: the trial's workers and resources (:class:`TrialShape`); several workers run ``train()`` through
+            Ray Train (:mod:`clipzss.sweep.workers`), Ray Train restarting them ``max_failures`` times.
     """
     from clipzss.train import train
 
     cfg = trial_config(sample, config, fixed, cell_runs[cell_key(sample)] if cell_runs else parent_run_id)
+    shape = shape or TrialShape()
+    if shape.workers(sample) > 1:
+        from clipzss.sweep.workers import run_worker_trial
+
+        run_worker_trial(cfg, shape.workers(sample), shape, max_failures, measure_cost)
+        return
     output_dir = Path(cfg.run.output_dir)
     restore_latest_checkpoint(output_dir)
     resumable = latest_checkpoint(output_dir) is not None  # decided once: the MLflow run and train() agree
@@ -141,7 +161,7 @@ def run_trial(
         if measure_cost:
             from clipzss.sweep.cost import student_cost
 
-            metrics = {**metrics, **student_cost(output_dir / MODEL_FILE, _device(cfg))}
+            metrics = {**metrics, **student_cost(output_dir / MODEL_FILE, trial_device(cfg))}
         _tune_report(metrics, checkpoint)
 
 
@@ -150,7 +170,8 @@ def cell_key(sample: dict[str, Any]) -> str:
     return f"{sample['student.arch']}/{sample['plm.kmeans.scales']}"
 
 
-def _device(cfg: Config) -> str:
+def trial_device(cfg: Config) -> str:
+    """Where the trial's student is measured: its GPU when it trained on one, else the CPU."""
     import torch
 
     return "cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu"

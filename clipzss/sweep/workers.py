@@ -1,0 +1,221 @@
+"""A trial that spans GPUs and nodes: the trial's body is a Ray Train ``TorchTrainer`` whose N workers each run the
+same ``train()`` as ``accelerate launch --num_processes N`` (Ray sets up the process group, Accelerate joins it).
+
+Who does what:
+
+- **Every worker** trains in the trial's folder path on its own node, starting from the highest-step checkpoint the
+  trial ever reported (fetched from the trial's storage, local or s3://, by one worker per node), and reports at
+  every evaluation through ``ray.train.report`` (all ranks, as Ray Train requires; only rank 0 passes a checkpoint,
+  which Ray uploads into the trial's storage).
+- **Rank 0 alone** writes the MLflow run (``train()`` tracks on the main process only) and relays its metrics to the
+  trial's process over a :class:`TrialChannel`.
+- **The trial's process** reports each result to Tune from its own thread (where Tune's scheduler can stop it) and
+  answers every worker's "go on?" for that step. When ASHA stops the trial, every rank stops at that same step and
+  the run closes KILLED with the stopped-early tag (closed from the trial's process too, in case Ray ends it first;
+  the workers die with it, since Ray ties actors to their owner).
+
+A worker killed mid-trial makes Ray Train restart the worker group from the last reported checkpoint (``--max-failures``
+times); the MLflow run continues and the spool commits each (metric, step) once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from clipzss.config import Config
+from clipzss.engine.checkpoint import MODEL_FILE, latest_checkpoint
+from clipzss.sweep.shape import PLACEMENTS, TrialShape
+
+RESULT_POLL_SECONDS = 1.0  # how long the trial's process waits for a result before checking its trainer is alive
+
+
+class TrialChannel:
+    """Results from rank 0 to the trial's process, and its verdict per evaluation step back to every rank (an async
+    Ray actor: a rank waiting for a verdict does not block the trial's process from giving it)."""
+
+    def __init__(self) -> None:
+        self._results: asyncio.Queue = asyncio.Queue()
+        self._verdicts: dict[int, bool] = {}  # step -> stop
+        self._decided = asyncio.Condition()
+
+    async def put(self, metrics: dict[str, float], final: bool) -> None:
+        await self._results.put((metrics, final))
+
+    async def next(self, timeout: float) -> tuple[dict[str, float], bool] | None:
+        try:
+            return await asyncio.wait_for(self._results.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def decide(self, step: int, stop: bool) -> None:
+        async with self._decided:
+            self._verdicts[step] = stop
+            self._decided.notify_all()
+
+    async def should_stop(self, step: int) -> bool:
+        async with self._decided:
+            await self._decided.wait_for(lambda: step in self._verdicts)
+            return self._verdicts[step]
+
+
+def run_worker_trial(cfg: Config, workers: int, shape: TrialShape, max_failures: int, measure_cost: bool) -> None:
+    """The body of a multi-worker Tune trial (called by :func:`clipzss.sweep.trainable.run_trial`)."""
+    import ray
+    from ray import train, tune
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage = tune.get_context().get_storage()
+    channel = ray.remote(num_cpus=0)(TrialChannel).remote()
+    gpus = shape.gpus_per_worker if cfg.run.device != "cpu" else 0.0
+    trainer = TorchTrainer(
+        worker_main,
+        train_loop_config={
+            "cfg": cfg,
+            "channel": channel,
+            "measure_cost": measure_cost,
+            "storage": (storage.storage_filesystem, storage.trial_fs_path),
+        },  # fmt: skip
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        scaling_config=train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": shape.cpus_per_worker, "GPU": gpus},
+            placement_strategy=PLACEMENTS[shape.placement],
+        ),
+        run_config=train.RunConfig(
+            name="workers",
+            storage_path=storage.trial_fs_path,
+            storage_filesystem=storage.storage_filesystem,
+            failure_config=train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    outcome: dict[str, BaseException] = {}
+    thread = threading.Thread(target=_fit, args=(trainer, outcome), name="clipzss-train-workers", daemon=True)
+    thread.start()
+    finals = _relay_results(cfg, channel, thread)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    for metrics in finals:  # after the run closed: ASHA's STOP for a result at max_t cannot cut it short
+        tune.report(metrics)
+
+
+def _fit(trainer, outcome: dict[str, BaseException]) -> None:
+    try:
+        trainer.fit()
+    except BaseException as e:  # re-raised on the trial's thread, where Tune sees it
+        outcome["error"] = e
+
+
+def _relay_results(cfg: Config, channel, thread: threading.Thread) -> list[dict[str, float]]:
+    """Report rank 0's results to Tune until the trainer ends; returns the final results, held back."""
+    import ray
+    from ray import tune
+
+    finals, last = [], -1
+    while True:
+        item = ray.get(channel.next.remote(RESULT_POLL_SECONDS))
+        if item is None:
+            if not thread.is_alive():
+                return finals
+            continue
+        metrics, final = item
+        if final:
+            finals.append(metrics)
+            continue
+        step = int(metrics["step"])
+        if step <= last:  # a restarted worker group reaching an evaluation Tune already has
+            ray.get(channel.decide.remote(step, False))
+            continue
+        last = step
+        try:
+            tune.report(metrics)
+        except SystemExit:  # the scheduler stopped the trial
+            close_stopped_early(cfg, step)
+            ray.get(channel.decide.remote(step, True))
+            thread.join()
+            raise
+        ray.get(channel.decide.remote(step, False))
+
+
+def close_stopped_early(cfg: Config, step: int) -> None:
+    """Mark the trial's MLflow run KILLED with the stopped-early tag, as rank 0 will if it gets the time."""
+    from mlflow.tracking import MlflowClient
+
+    from clipzss.train import STOPPED_EARLY_TAG
+
+    t = cfg.tracking
+    if not t.enabled or not t.parent_run_id:
+        return
+    client = MlflowClient(tracking_uri=t.uri)
+    experiment = client.get_experiment_by_name(t.experiment)
+    query = f"tags.mlflow.parentRunId = '{t.parent_run_id}' and tags.`mlflow.runName` = '{t.run_name}'"
+    for run in client.search_runs([experiment.experiment_id], query) if experiment else []:
+        client.set_tag(run.info.run_id, STOPPED_EARLY_TAG, f"stopped early at step {step}")
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+def worker_main(loop: dict[str, Any]) -> None:
+    """One Ray Train worker: fetch the trial's checkpoint, ``train()``, relay results (rank 0), stop when told."""
+    import ray
+    import torch.distributed as dist
+    from ray import train
+
+    from clipzss.sweep.trainable import fetch_latest_checkpoint, reattach_mlflow_run
+    from clipzss.train import train as train_run
+
+    cfg: Config = loop["cfg"]
+    channel, context = loop["channel"], train.get_context()
+    rank = context.get_world_rank()
+    output_dir = Path(cfg.run.output_dir)
+    if context.get_local_rank() == 0:  # one fetch per node: the others read the same folder
+        fetch_latest_checkpoint(*loop["storage"], output_dir)
+    dist.barrier()
+    resumable = latest_checkpoint(output_dir) is not None  # the same on every rank: one checkpoint, fetched first
+    if rank == 0:
+        reattach_mlflow_run(cfg, output_dir, resumable)
+    final: list[tuple[dict[str, float], Path | None]] = []
+
+    def report(metrics: dict[str, float], checkpoint: Path | None) -> None:
+        if metrics["step"] >= cfg.optim.max_iters:
+            final.append((metrics, checkpoint))
+            return
+        _report_to_train(metrics, checkpoint)
+        if rank == 0:
+            ray.get(channel.put.remote(metrics, False))
+        if ray.get(channel.should_stop.remote(int(metrics["step"]))):
+            raise SystemExit(0)  # what Tune raises in a one-process trial: train() closes the run KILLED, tagged
+
+    try:
+        train_run(cfg, report=report, resume=resumable, complete=True)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+        return  # stopped by the scheduler: a clean end for Ray Train (no restart)
+    for metrics, checkpoint in final:
+        if loop["measure_cost"] and rank == 0:
+            from clipzss.sweep.cost import student_cost
+            from clipzss.sweep.trainable import trial_device
+
+            metrics = {**metrics, **student_cost(output_dir / MODEL_FILE, trial_device(cfg))}
+        _report_to_train(metrics, checkpoint)
+        if rank == 0:
+            ray.get(channel.put.remote(metrics, True))
+
+
+def _report_to_train(metrics: dict[str, float], checkpoint: Path | None) -> None:
+    """``ray.train.report`` on every rank; rank 0's checkpoint travels as a folder holding only that one file."""
+    from ray import train
+
+    if checkpoint is None:
+        train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy2(checkpoint, folder)
+        train.report(metrics, checkpoint=train.Checkpoint.from_directory(folder))  # uploaded before it returns
