@@ -258,10 +258,14 @@ def _auth_module(monkeypatch):
 
 
 def test_mlflow_logins_are_made_once_and_readable_by_their_owner_only(tmp_path, monkeypatch):
+    import configparser
+    import subprocess
+    import sys
+
     auth = _auth_module(monkeypatch)
     folder = tmp_path / "clipzss"
-    done = __import__("subprocess").run([__import__("sys").executable, str(CLUSTER / "mlflow_auth.py"), "--dir",
-                                         str(folder)], capture_output=True, text=True, check=True)  # fmt: skip
+    done = subprocess.run([sys.executable, str(CLUSTER / "mlflow_auth.py"), "--dir", str(folder)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
     admin, trials = auth.ensure_logins(folder)
     assert (admin.username, trials.username) == ("admin", "clipzss-sweeps")
     assert len(admin.password) >= 32 and admin.password != trials.password
@@ -273,8 +277,6 @@ def test_mlflow_logins_are_made_once_and_readable_by_their_owner_only(tmp_path, 
     assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
         name: 0o600 for name in ("mlflow-admin.env", "mlflow-trials.env", "basic_auth.ini", "mlflow-flask-secret")
     }
-    import configparser
-
     parsed = configparser.ConfigParser()
     parsed.read(config)
     assert parsed["mlflow"]["admin_password"] == admin.password and parsed["mlflow"]["default_permission"] == "READ"
