@@ -9,6 +9,9 @@ in the test's folder, and the trials' login is in the environment every Ray node
 
     def test_something(cluster, mlflow_server):  # cluster: (ray.cluster_utils.Cluster, the worker node)
         ...  # mlflow_server.uri, .admin, .trials; ray is connected to the cluster
+
+The head has no CPUs and the worker one, so a 1-CPU trial must run on the worker. A module that needs other sizes
+(e.g. one Ray Train worker on each node) sets ``TWO_NODE_CPUS = (head, worker)`` at its top.
 """
 
 from __future__ import annotations
@@ -102,9 +105,9 @@ def mlflow_server(s3, tmp_path, monkeypatch):
 
 @pytest.fixture
 def cluster(mlflow_server, monkeypatch, request):
-    """Head (no CPUs: trials cannot run there) publishing the MLflow port, plus one worker node; both on loopback,
-    with a Ray temp folder of their own (no other Ray on this machine joins or is joined). Every node starts with
-    the trials' MLflow login in its environment, so do the trials (and this driver)."""
+    """Head publishing the MLflow port (no CPUs by default: trials cannot run there) plus one worker node (1 CPU),
+    both on loopback, with a Ray temp folder of their own (no other Ray on this machine joins or is joined). Every
+    node starts with the trials' MLflow login in its environment, so do the trials (and this driver)."""
     import ray
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
@@ -119,10 +122,11 @@ def cluster(mlflow_server, monkeypatch, request):
     # read at import, so set for the nodes (environment) and for this already-imported driver (constant)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    head_cpus, worker_cpus = getattr(request.module, "TWO_NODE_CPUS", (0, 1))
     node = {"node_ip_address": "127.0.0.1", "include_dashboard": False}
-    head_args = {**node, "num_cpus": 0, "labels": {MLFLOW_PORT_LABEL: str(mlflow_server.port)}}
+    head_args = {**node, "num_cpus": head_cpus, "labels": {MLFLOW_PORT_LABEL: str(mlflow_server.port)}}
     nodes = Cluster(initialize_head=True, head_node_args=head_args)
-    worker = nodes.add_node(**node, num_cpus=1)
+    worker = nodes.add_node(**node, num_cpus=worker_cpus)
     ray.init(address=nodes.address)
     ray.cloudpickle.register_pickle_by_value(request.module)  # workers need not import the tests folder
     yield nodes, worker
