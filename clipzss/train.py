@@ -194,11 +194,8 @@ def train(cfg: Config, report: Report | None = None, resume: bool = False, compl
     from accelerate import Accelerator
 
     check_values(cfg)
-    accelerator = Accelerator(
-        mixed_precision=cfg.optim.mixed_precision,
-        gradient_accumulation_steps=cfg.optim.grad_accum,
-        cpu=cfg.run.device == "cpu",
-    )
+    # no gradient_accumulation_steps: _train_step accumulates itself (Accelerate's would divide the loss again)
+    accelerator = Accelerator(mixed_precision=cfg.optim.mixed_precision, cpu=cfg.run.device == "cpu")
     cfg, output_dir, checkpoint = _choose_run_dir(cfg, resume, accelerator)
     with run_dir_lock(output_dir) if accelerator.is_main_process else nullcontext(), StopRequest() as stop:
         return _train_in(cfg, accelerator, output_dir, checkpoint, report, stop, complete)
@@ -373,24 +370,34 @@ class _Sums:
 
 
 def _train_step(run: RunState, batches, sums: _Sums) -> tuple[dict[str, Tensor], tuple]:
-    """One optimiser step (``grad_accum`` micro-batches); returns the last losses and (images, labels, teacher_out)."""
+    """One optimiser step over ``optim.grad_accum`` = k micro-batches; returns the last micro-batch's losses and
+    (images, labels, teacher_out).
+
+    Each micro-batch backpropagates its loss / k, so the summed gradients are those of the mean loss over the k
+    micro-batches (for per-image terms, the loss of one batch k times larger). DDP all-reduces gradients in the
+    backward of the last micro-batch only (``no_sync`` before it); clipping, the optimiser and the scheduler then act
+    once, on the accumulated gradients.
+    """
     accelerator, o, device = run.accelerator, run.cfg.optim, run.accelerator.device
     needs_teacher = accelerator.unwrap_model(run.model).objective.needs_teacher
-    for _ in range(o.grad_accum):
+    k = o.grad_accum
+    for micro in range(k):
         batch = next(batches)
         images, labels = batch["image"].to(device), batch["label"].to(device)
-        with accelerator.accumulate(run.model), accelerator.autocast():
-            teacher_out = run.teacher(images) if needs_teacher else None
-            losses, step_report = run.model(images, labels, teacher_out)
-            accelerator.backward(losses["total"])
-            if accelerator.sync_gradients and o.grad_clip > 0:
-                accelerator.clip_grad_norm_(run.model.parameters(), o.grad_clip)
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+        sync = nullcontext() if micro == k - 1 else accelerator.no_sync(run.model)
+        with sync:
+            with accelerator.autocast():
+                teacher_out = run.teacher(images) if needs_teacher else None
+                losses, step_report = run.model(images, labels, teacher_out)
+            accelerator.backward(losses["total"] / k)
         sums.nonfinite += (~torch.isfinite(losses["total"].detach())).long()
-        for key, value in {**{f"loss/{k}": v for k, v in losses.items()}, **step_report}.items():
+        for key, value in {**{f"loss/{name}": v for name, v in losses.items()}, **step_report}.items():
             sums.values[key] += value.detach().float()
         sums.counted += 1
+    if o.grad_clip > 0:
+        accelerator.clip_grad_norm_(run.model.parameters(), o.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     run.step += 1
     return losses, (images, labels, teacher_out)
