@@ -7,7 +7,9 @@
 3. Inference: the deployed student in every form that holds (eager, channels-last, bf16, torch.compile, the
    exported ONNX graph in onnxruntime) vs the same student + a CLIP ViT-B/16 image forward (``inference.py``).
 
-Ratios are the figures to compare across machines; absolute times are printed too (and matter on a GPU). The
+Every timing is the median of at least 5 repeats after warm-up, printed with its min and max; the calls a ratio
+compares are timed in the same interleaved rounds (``timing.py``). Ratios are the figures to compare across
+machines; absolute times are printed too (and matter on a GPU). The
 figures are logged as one MLflow run (``report.py``) unless ``--no-mlflow``; without MLflow, open_clip (the CLIP
 architecture) is the only dependency beyond torch, timm, transformers and einops (faiss, scikit-learn and
 onnxruntime columns are skipped when those are not installed).
@@ -61,13 +63,13 @@ def run_benchmarks(
     kmeans = bench_kmeans(dev, batch=2, grid=16, dim=64, iters=3) if quick else bench_kmeans(dev)
     print_kmeans(kmeans)
     if quick:
-        step = bench_training_step(dev, batch=1, crop=64, arch="segformer_tiny", repeat=1)
+        step = bench_training_step(dev, batch=1, crop=64, arch="segformer_tiny")
     else:
         step = bench_training_step(dev)
     print_training_step(step)
     size = 64 if quick else 512
     archs = ("segformer_tiny",) if quick else students
-    inference = bench_inference(archs, dev, size=size, repeat=1 if quick else 3, compile=compile and not quick)
+    inference = bench_inference(archs, dev, size=size, compile=compile and not quick)
     print_inference(inference, size)
     results = {"kmeans": kmeans, "training_step": step, "inference": inference}
     if mlflow:

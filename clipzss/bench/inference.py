@@ -2,10 +2,13 @@
 the CLIP-in-the-loop pipeline (the same student plus one CLIP ViT-B/16 image forward per image).
 
 Forms: torch eager, channels-last, bf16 autocast (where the device supports it), torch.compile, and the exported
-ONNX graph in onnxruntime. Each row has two ratios: against the eager pipeline (what replacing a CLIP-at-test-time
-segmenter by this artefact gains), and against the pipeline with CLIP in its own fastest measured form (the
-like-for-like figure). Each form's logits are compared with eager fp32 (argmax agreement), so a form that is
-fast but wrong shows it. Before the forms, a profile splits the eager student into backbone and decode head.
+ONNX graph in onnxruntime in each variant ``clipzss export`` chooses from (``clipzss/onnx_variants.py``: fp32,
+optimised offline, int8 dynamic, int8 static calibrated on synthetic scenes). Each row has two ratios: against the
+eager pipeline (what replacing a CLIP-at-test-time segmenter by this artefact gains), and against the pipeline with
+CLIP in its own fastest measured form (the like-for-like figure). CLIP's forms and the student's are timed in the
+same interleaved rounds, so both sides of a ratio saw the same load. Each form's argmax is compared with eager
+fp32 on a synthetic scene (not noise: quantisation errors show on real structure), so a form that is fast but
+wrong shows it. Before the forms, a profile splits the eager student into backbone and decode head.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import torch
 from torch import nn
 
 from clipzss.bench.clip import random_vit_b16
-from clipzss.bench.timing import model_cost, timeit
+from clipzss.bench.timing import MIN_REPEATS, interleaved, model_cost
 
 NUM_CLASSES = 20  # a VOC-sized vocabulary baked into the classifier
+CALIBRATION_SCENES = 8
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -32,25 +36,30 @@ def bf16_supported(device: torch.device) -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _onnx_form(model: nn.Module, image: torch.Tensor, device: torch.device, folder: Path) -> Callable | None:
-    """The exported graph in an onnxruntime session (CPU, or CUDA when onnxruntime has it); None if unavailable."""
+def _onnx_forms(model: nn.Module, image: torch.Tensor, device: torch.device, folder: Path) -> dict[str, Callable]:
+    """The exported graph in onnxruntime: every CPU variant, or the fp32 graph on CUDA; {} without onnxruntime."""
     try:
         import onnxruntime as ort
     except ImportError:
-        return None
-    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
-    if provider not in ort.get_available_providers():
-        return None
+        return {}
     from clipzss.export import export_onnx
+    from clipzss.onnx_variants import build_variants, scene_images, session
 
     path = folder / "model.onnx"
     export_onnx(model.cpu(), path, tuple(image.shape[-2:]), dynamic_size=False)
     model.to(device)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(path), options, providers=[provider])
     array = image.cpu().numpy()
-    return lambda: torch.from_numpy(session.run(None, {"image": array})[0])
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return {}
+        cuda = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
+        return {"onnxruntime fp32 (CUDA)": lambda: torch.from_numpy(cuda.run(None, {"image": array})[0])}
+    calibration = scene_images(CALIBRATION_SCENES, image.shape[-1], "train")
+    forms = {}
+    for name, variant in build_variants(path, folder, calibration).items():
+        s = session(variant)
+        forms[f"onnxruntime {name}"] = lambda s=s: torch.from_numpy(s.run(None, {"image": array})[0])
+    return forms
 
 
 def deployed_forms(
@@ -74,88 +83,101 @@ def deployed_forms(
     if compile:
         compiled = torch.compile(copy.deepcopy(model))
         forms["torch.compile"] = lambda: compiled(image)
-    onnx = _onnx_form(model, image, device, folder)
-    if onnx is not None:
-        forms["onnxruntime (exported)"] = onnx
-    return forms
+    return forms | _onnx_forms(model, image, device, folder)
 
 
 @torch.no_grad()
 def profile_student(student: nn.Module, image: torch.Tensor, device: torch.device, repeat: int) -> dict[str, float]:
     """Eager time and achieved GFLOP/s of the backbone and of the decode head (the stride-4 head is memory-bound)."""
     feats = student.backbone(image)
-    backbone_ms = timeit(lambda: student.backbone(image), device, repeat) * 1e3
-    head_ms = timeit(lambda: student.head(feats), device, repeat) * 1e3
+    t = interleaved({"backbone": lambda: student.backbone(image), "head": lambda: student.head(feats)}, device, repeat)
     _, backbone_gflops = model_cost(student.backbone, image)
     _, head_gflops = model_cost(student.head, feats)
     return {
-        "backbone_ms": backbone_ms,
-        "head_ms": head_ms,
-        "backbone_gflop_per_s": backbone_gflops / backbone_ms * 1e3,
-        "head_gflop_per_s": head_gflops / head_ms * 1e3,
+        **t["backbone"].columns("backbone_"),
+        **t["head"].columns("head_"),
+        "backbone_gflop_per_s": backbone_gflops / t["backbone"].median_ms * 1e3,
+        "head_gflop_per_s": head_gflops / t["head"].median_ms * 1e3,
     }
 
 
-@torch.no_grad()
-def clip_forms_ms(image: torch.Tensor, device: torch.device, repeat: int) -> tuple[dict[str, float], float, float]:
+def clip_calls(image: torch.Tensor, device: torch.device) -> tuple[dict[str, Callable], float, float]:
     """CLIP ViT-B/16 (random init, the real architecture: speed does not depend on the weights) per torch form.
 
-    Returns ({form: ms}, params in M of the image tower, GFLOPs).
+    Returns ({form: call}, params in M of the image tower, GFLOPs).
     """
     clip = random_vit_b16(device)
     _, gflops = model_cost(clip, image)
     params = sum(p.numel() for p in clip.clip.visual.parameters()) / 1e6
-    times = {"eager fp32": timeit(lambda: clip(image), device, repeat) * 1e3}
+    calls: dict[str, Callable] = {"eager fp32": lambda: clip(image)}
     if bf16_supported(device):
 
         def bf16() -> object:
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 return clip(image)
 
-        times["bf16 autocast"] = timeit(bf16, device, repeat) * 1e3
-    return times, params, gflops
+        calls["bf16 autocast"] = bf16
+    return calls, params, gflops
+
+
+def bench_image(size: int, device: torch.device) -> torch.Tensor:
+    """[1, 3, size, size]: one synthetic-world validation scene, normalised."""
+    from clipzss.onnx_variants import scene_images
+
+    return torch.from_numpy(scene_images(1, size, "val")).to(device)
+
+
+@torch.no_grad()
+def _student_rows(arch: str, image: torch.Tensor, device: torch.device, clip: dict[str, Callable], repeat: int,
+                  embed_dim: int, compile: bool) -> tuple[list[dict], dict[str, float], dict[str, dict]]:  # fmt: skip
+    """One student's rows, its profile and CLIP's timings of the same rounds."""
+    from clipzss.config import StudentConfig
+    from clipzss.export import BakedClassifier
+    from clipzss.models.students import build_student
+
+    student = build_student(StudentConfig(arch=arch), embed_dim).to(device).eval()
+    params, gflops = model_cost(student, image)
+    profile = profile_student(student, image, device, repeat)
+    model = BakedClassifier(student, torch.randn(NUM_CLASSES, embed_dim), alpha=50.0).to(device).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        forms = deployed_forms(model, image, device, Path(folder), compile)
+        reference = forms["torch eager fp32"]().float().cpu().argmax(1)
+        first, agreement = {}, {}
+        for name, call in forms.items():
+            start = time.perf_counter()
+            logits = call().float().cpu()  # the first call: compiles, first ORT run
+            first[name] = time.perf_counter() - start
+            agreement[name] = float((logits.argmax(1) == reference).float().mean())
+        t = interleaved({**{f"CLIP {k}": v for k, v in clip.items()}, **forms}, device, repeat)
+    clip_eager = t["CLIP eager fp32"].median_ms
+    clip_best = min(t[f"CLIP {k}"].median_ms for k in clip)
+    eager = t["torch eager fp32"].median_ms
+    rows = [
+        {"student": arch, "form": name, "params_M": params, "gflops": gflops, **t[name].columns(),
+         "first_call_s": first[name], "argmax_agreement": agreement[name], "clip_eager_ms": clip_eager,
+         "clip_best_ms": clip_best, "speedup_vs_eager_pipeline": (eager + clip_eager) / t[name].median_ms,
+         "speedup_vs_best_clip_pipeline": (t[name].median_ms + clip_best) / t[name].median_ms}
+        for name in forms
+    ]  # fmt: skip
+    return rows, profile, {k: t[f"CLIP {k}"].columns() for k in clip}
 
 
 def bench_inference(
     students: tuple[str, ...],
     device: torch.device,
     size: int = 512,
-    repeat: int = 3,
+    repeat: int = MIN_REPEATS,
     embed_dim: int = 512,
     compile: bool = True,
 ) -> dict[str, object]:
     """Figure 3 for each student family: profile, then every deployed form against the CLIP-in-the-loop pipeline."""
-    from clipzss.config import StudentConfig
-    from clipzss.export import BakedClassifier
-    from clipzss.models.students import build_student
-
     torch.manual_seed(0)
-    image = torch.randn(1, 3, size, size, device=device)
-    clip_ms, clip_params, clip_gflops = clip_forms_ms(image, device, repeat)
-    clip_best = min(clip_ms.values())
-    rows, profiles = [], {}
+    image = bench_image(size, device)
+    clip, clip_params, clip_gflops = clip_calls(image, device)
+    rows, profiles, clip_ms = [], {}, {}
     for arch in students:
-        student = build_student(StudentConfig(arch=arch), embed_dim).to(device).eval()
-        params, gflops = model_cost(student, image)
-        profiles[arch] = profile_student(student, image, device, repeat)
-        model = BakedClassifier(student, torch.randn(NUM_CLASSES, embed_dim), alpha=50.0).to(device).eval()
-        with tempfile.TemporaryDirectory() as folder, torch.no_grad():
-            forms = deployed_forms(model, image, device, Path(folder), compile)
-            reference = forms["torch eager fp32"]().float().cpu()
-            eager_ms = None
-            for name, call in forms.items():
-                start = time.perf_counter()
-                logits = call().float().cpu()  # also the warm-up: compiles, first ORT run
-                first_s = time.perf_counter() - start
-                ms = timeit(call, device, repeat, warmup=1) * 1e3
-                agreement = float((logits.argmax(1) == reference.argmax(1)).float().mean())
-                eager_ms = eager_ms or ms
-                rows.append({
-                    "student": arch, "form": name, "params_M": params, "gflops": gflops, "ms": ms,
-                    "first_call_s": first_s, "argmax_agreement": agreement,
-                    "speedup_vs_eager_pipeline": (eager_ms + clip_ms["eager fp32"]) / ms,
-                    "speedup_vs_best_clip_pipeline": (ms + clip_best) / ms,
-                })  # fmt: skip
+        arch_rows, profiles[arch], clip_ms[arch] = _student_rows(arch, image, device, clip, repeat, embed_dim, compile)
+        rows += arch_rows
     return {
         "rows": rows,
         "profiles": profiles,

@@ -12,12 +12,16 @@ over copy GB/s) says whether memory can be the limit, and its own GFLOP/s is the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipzss.bench.timing import matmul_gflops, timeit
-from clipzss.method.kmeans import kmeans_seeds, multiscale_kmeans
+from clipzss.bench.timing import MIN_REPEATS, interleaved, matmul_call
+from clipzss.method.kmeans import KMeansResult, _offsets, _update, kmeans_seeds, multiscale_kmeans
+
+ITERATION_STEPS = ("assign_product", "argmax", "update")
 
 
 def clustered_tokens(batch: int, grid: int, dim: int) -> torch.Tensor:
@@ -54,32 +58,37 @@ def faiss_fit(X: np.ndarray, seeds: np.ndarray, iters: int) -> tuple[np.ndarray,
     return km.centroids, labels[:, 0]
 
 
-def _library_figures(name: str, fit, X: np.ndarray, seeds: list[np.ndarray], iters: int) -> dict[str, float]:
-    """Time ``fit`` per image and scale; mean cosine inertia of its clusterings."""
-    batch = X.shape[0]
-    runs = [(b, s) for b in range(batch) for s in range(len(seeds))]
-    seconds = timeit(lambda: [fit(X[b], seeds[s][b], iters) for b, s in runs], torch.device("cpu"), repeat=3)
+def _library_call(fit, X: np.ndarray, seeds: list[np.ndarray], iters: int) -> tuple[Callable[[], object], float]:
+    """(a call fitting every image and scale once, the mean cosine inertia of those clusterings)."""
+    runs = [(b, s) for b in range(X.shape[0]) for s in range(len(seeds))]
     inertia = [cosine_inertia(X[b], *fit(X[b], seeds[s][b], iters)) for b, s in runs]
-    return {f"{name}_ms": seconds * 1e3, f"{name}_inertia": float(np.mean(inertia))}
+    return (lambda: [fit(X[b], seeds[s][b], iters) for b, s in runs]), float(np.mean(inertia))
 
 
-def roofline(D: torch.Tensor, k: int, peak: float) -> dict[str, float]:
-    """The assignment product [B, K, C] x [B, C, L] alone: intensity, its GFLOP/s, and the machine balance."""
+def roofline_calls(D: torch.Tensor, result: KMeansResult) -> tuple[dict[str, Callable[[], object]], dict[str, float]]:
+    """The calls the roofline times beside K-Means, and the work of each (flops, or bytes for the copy).
+
+    ``assign_product``: [B, K, C] x [B, C, L] alone at its exact shape; ``argmax`` and ``update``: the other two
+    steps of one Lloyd iteration, alone (the per-scale argmax of that product, the sparse centroid update);
+    ``matmul``: a square matmul (the peak); ``copy``: 128 MiB into touched memory (no page faults timed).
+    """
     B, C, h, w = D.shape
     L = h * w
-    centroids, Xt = torch.randn(B, k, C, device=D.device), D.flatten(2)
-    flops = 2 * B * k * C * L
-    product_s = timeit(lambda: torch.bmm(centroids, Xt), D.device, repeat=10)
-    source, target = torch.ones(32 * 2**20, device=D.device), torch.zeros(32 * 2**20, device=D.device)  # 128 MiB
-    copy_s = timeit(lambda: target.copy_(source), D.device, repeat=5)  # into touched memory: no page faults timed
-    bandwidth = 2 * source.numel() * 4 / copy_s / 1e9  # read + write
-    return {
-        "assign_product_flop_per_byte": flops / (4 * B * (k * C + C * L + k * L)),
-        "machine_balance_flop_per_byte": peak / bandwidth,
-        "memory_gb_per_s": bandwidth,
-        "assign_product_gflop_per_s": flops / product_s / 1e9,
-        "assign_product_fraction_of_peak": flops / product_s / 1e9 / peak,
+    sizes = [c.shape[1] for c in result.centroids]
+    centroids, Xt = torch.cat(result.centroids, dim=1), D.flatten(2)
+    similarity = torch.bmm(centroids, Xt)  # [B, K, L]
+    assign = torch.stack([a + o for a, o in zip(result.assignments, _offsets(sizes), strict=True)])  # [S, B, L]
+    source, target = torch.ones(32 * 2**20, device=D.device), torch.zeros(32 * 2**20, device=D.device)
+    matmul, matmul_flops = matmul_call(D.device)
+    calls = {
+        "assign_product": lambda: torch.bmm(centroids, Xt),
+        "argmax": lambda: [part.max(1) for part in similarity.split(sizes, dim=1)],
+        "update": lambda: _update(result.tokens, centroids, assign),
+        "matmul": matmul,
+        "copy": lambda: target.copy_(source),
     }
+    work = {"assign_product": 2.0 * B * sum(sizes) * C * L, "matmul": matmul_flops, "copy": 2.0 * source.numel() * 4}
+    return calls, work
 
 
 def bench_kmeans(
@@ -90,33 +99,54 @@ def bench_kmeans(
     scales: tuple[int, ...] = (4, 8, 16),
     iters: int = 10,
     libraries: tuple[str, ...] = ("sklearn", "faiss"),
+    repeat: int = MIN_REPEATS,
 ) -> dict[str, float]:
-    """Figure 1 (defaults: the PLM's shape at 512 px, a batch of 8); a library that is not installed is skipped."""
+    """Figure 1 (defaults: the PLM's shape at 512 px, a batch of 8); a library that is not installed is skipped.
+
+    K-Means, the libraries and the roofline's calls are timed interleaved, so every ratio is of the same run.
+    """
     D = clustered_tokens(batch, grid, dim).to(device)
-    ours = timeit(lambda: multiscale_kmeans(D, scales, iters), device, repeat=5)
     result = multiscale_kmeans(D, scales, iters)
     k = sum(c.shape[1] for c in result.centroids)
     L = grid * grid
-    flops = 2 * batch * k * dim * L * (result.iterations + 1) + 2 * batch * len(scales) * L * dim * result.iterations
-    peak = matmul_gflops(device)
-    figures = {
-        "kmeans_ms": ours * 1e3,
-        "kmeans_inertia": float(result.inertia.mean().cpu()),  # mean over images and scales, as the libraries'
-        "kmeans_gflop_per_s": flops / ours / 1e9,
-        "matmul_gflop_per_s": peak,
-        "fraction_of_peak": flops / ours / 1e9 / peak,
-    }
+    flops = 2 * batch * k * dim * L * (iters + 1) + 2 * batch * len(scales) * L * dim * iters
+    calls, work = roofline_calls(D, result)
+    calls["kmeans"] = lambda: multiscale_kmeans(D, scales, iters)
+    inertia = {"kmeans": float(result.inertia.mean().cpu())}  # mean over images and scales, as the libraries'
     X = D.flatten(2).transpose(1, 2).double().cpu().numpy()  # [B, L, C]
     seeds = [kmeans_seeds(D.cpu(), s).double().numpy() for s in scales]
     fits = {"sklearn": sklearn_fit, "faiss": faiss_fit}
     for name in libraries:
         try:
-            figures |= _library_figures(name, fits[name], X, seeds, iters)
+            calls[name], inertia[name] = _library_call(fits[name], X, seeds, iters)
         except ImportError:
             print(f"    ({name} is not installed: its column is skipped)")
-            continue
-        figures[f"speedup_vs_{name}"] = figures[f"{name}_ms"] / figures["kmeans_ms"]
-        figures[f"inertia_ratio_vs_{name}"] = figures["kmeans_inertia"] / figures[f"{name}_inertia"]
-    figures |= roofline(D, k, peak)
-    figures["fraction_of_assign_product"] = figures["kmeans_gflop_per_s"] / figures["assign_product_gflop_per_s"]
+    t = interleaved(calls, device, repeat)
+    peak = work["matmul"] / t["matmul"].median_ms / 1e6  # GFLOP/s
+    figures = t["kmeans"].columns("kmeans_")
+    figures |= {
+        "kmeans_inertia": inertia["kmeans"],
+        "kmeans_gflop_per_s": flops / t["kmeans"].median_ms / 1e6,
+        "matmul_gflop_per_s": peak,
+        "fraction_of_peak": flops / t["kmeans"].median_ms / 1e6 / peak,
+    }
+    for name in libraries:
+        if name in t:
+            figures |= t[name].columns(f"{name}_") | {f"{name}_inertia": inertia[name]}
+            figures[f"speedup_vs_{name}"] = t[name].median_ms / t["kmeans"].median_ms
+            figures[f"inertia_ratio_vs_{name}"] = inertia["kmeans"] / inertia[name]
+    B, C = batch, dim
+    bandwidth = work["copy"] / t["copy"].median_ms / 1e6  # GB/s
+    product = work["assign_product"] / t["assign_product"].median_ms / 1e6
+    figures |= {
+        "assign_product_flop_per_byte": work["assign_product"] / (4 * B * (k * C + C * L + k * L)),
+        "machine_balance_flop_per_byte": peak / bandwidth,
+        "memory_gb_per_s": bandwidth,
+        "assign_product_gflop_per_s": product,
+        "assign_product_fraction_of_peak": product / peak,
+        "fraction_of_assign_product": figures["kmeans_gflop_per_s"] / product,
+    }
+    iteration = sum(t[step].median_ms for step in ITERATION_STEPS)
+    for step in ITERATION_STEPS:  # where one Lloyd iteration's time goes: the step that keeps K-Means off the peak
+        figures |= t[step].columns(f"step/{step}_") | {f"step/{step}_share": t[step].median_ms / iteration}
     return figures

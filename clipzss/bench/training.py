@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from clipzss.bench.clip import random_vit_b16
-from clipzss.bench.timing import timeit
+from clipzss.bench.timing import MIN_REPEATS, interleaved
 from clipzss.method.kmeans import multiscale_kmeans
 
 ARMS = {
@@ -49,10 +49,14 @@ def bench_training_step(
     batch: int | None = None,
     crop: int | None = None,
     arch: str = "segformer_b0",
-    repeat: int = 5,
+    repeat: int = MIN_REPEATS,
     bf16: bool | None = None,
 ) -> dict[str, float | str]:
-    """Defaults: batch 8 at 512 px in bf16 autocast on a GPU, batch 2 at 256 px in fp32 on a CPU."""
+    """Defaults: batch 8 at 512 px in bf16 autocast on a GPU, batch 2 at 256 px in fp32 on a CPU.
+
+    Every part is timed in the same interleaved rounds; ``glm_plm_share``: the objective's cost beyond the plain
+    losses (GLM, K-Means, pseudo labels, synthesizer, their losses) as a share of the CLIP-ZSS step.
+    """
     from clipzss.config import Config, load_config
     from clipzss.method.objective import CLIPZSSObjective
     from clipzss.models.students import build_student
@@ -80,9 +84,11 @@ def bench_training_step(
 
     with autocast():
         R = student(images).detach().float()
-    objective_ms = {}
+    grid = min(teacher_out.dense.shape[-2:])
+    scales = [s for s in base.plm.kmeans.scales if s <= grid] or [grid]  # a smoke crop's grid is small
+    calls = {}
     for name, delta in ARMS.items():
-        objective = CLIPZSSObjective(load_config(None, delta), text).to(device)
+        objective = CLIPZSSObjective(load_config(None, [*delta, f"plm.kmeans.scales={scales}"]), text).to(device)
 
         def objective_step(objective=objective) -> None:
             leaf = R.clone().requires_grad_(True)
@@ -90,16 +96,18 @@ def bench_training_step(
                 losses, _ = objective(leaf, teacher_out, labels)
             losses["total"].backward()
 
-        objective_ms[name] = timeit(objective_step, device, repeat) * 1e3
+        calls[f"objective_{name}"] = objective_step
 
     def teacher_step() -> None:
         with autocast():
             teacher(images)
 
     dense = teacher_out.dense.float()
-    kmeans_ms = timeit(lambda: multiscale_kmeans(dense, base.plm.kmeans.scales, base.plm.kmeans.iters), device, repeat)
-    parts, noise = _parts(objective_ms, timeit(teacher_step, device, repeat) * 1e3,
-                          timeit(student_step, device, repeat) * 1e3, kmeans_ms * 1e3)  # fmt: skip
+    calls |= {"teacher": teacher_step, "student": student_step,
+              "kmeans": lambda: multiscale_kmeans(dense, scales, base.plm.kmeans.iters)}  # fmt: skip
+    t = interleaved(calls, device, repeat)
+    objective_ms = {name: t[f"objective_{name}"].median_ms for name in ARMS}
+    parts, noise = _parts(objective_ms, t["teacher"].median_ms, t["student"].median_ms, t["kmeans"].median_ms)
     plain = parts["student"] + objective_ms["baseline"]
     full = parts["teacher"] + parts["student"] + objective_ms["full"]
     return {
@@ -110,7 +118,9 @@ def bench_training_step(
         "plain_step_ms": plain,
         "clipzss_step_ms": full,
         "ratio": full / plain,
+        "glm_plm_share": (full - parts["teacher"] - parts["student"] - objective_ms["baseline"]) / full,
         "noise_ms": noise,
         **{f"share/{k}": v / full for k, v in parts.items()},
         **{f"ms/{k}": v for k, v in parts.items()},
+        **{k: v for name, timing in t.items() for k, v in timing.columns(f"timed/{name}_").items()},
     }
