@@ -1,4 +1,4 @@
-"""The trainer under faults, races and bad values (issue 9), each through the real entry point.
+"""The trainer under faults, races and bad values, each through the real entry point.
 
 Tracking status and history are read back from the MLflow store the run wrote to.
 """
@@ -137,6 +137,55 @@ def test_sigterm_writes_a_checkpoint_and_ends_the_run_killed(assets, tmp_path):
     assert 0 < step < 400 and f"stopped after step {step}" in err
     status, steps, _, _ = mlflow_run(out)
     assert status == "KILLED" and steps["train/loss/total"] == list(range(1, step + 1))
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def student_weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "model.pt", weights_only=True)["student"]
+
+
+def test_a_process_group_sigterm_stops_like_a_main_process_one_and_resumes_exactly(assets, tmp_path):
+    """What Slurm, systemd and Kubernetes send: SIGTERM to every process of the job, the DataLoader workers too."""
+    out = tmp_path / "group"
+    # poly_power 0: the lr does not depend on optim.max_iters, so the resumed run can stop 2 steps after the signal
+    # and still equal an uninterrupted run of that length
+    steady = {"optim.poly_power": 0, "run.eval_interval": 0, "run.checkpoint_interval": 0, "tracking.log_images": False}
+    overrides = tiny_overrides(assets, out, **steady, **{"data.num_workers": 2})
+    cmd = [sys.executable, str(REPO / "clipzss" / "train.py"), *overrides]
+    proc = subprocess.Popen([*cmd, "optim.max_iters=400"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    journal, deadline = out / spool.JOURNAL, time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        logged = [r["args"][1] for r in spool.read_journal(journal) if r["op"] == "log_metrics"]
+        if logged and max(logged) >= 2 and len(children(proc.pid)) >= 2:
+            break
+        time.sleep(0.2)
+    workers = children(proc.pid)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert len(workers) == 2 and "DataLoader worker" not in err, err[-3000:]
+    step = load_checkpoint(latest_checkpoint(out))["step"]
+    assert 2 <= step < 400 and f"SIGTERM: stopped after step {step}," in err
+    status, steps, _, _ = mlflow_run(out)
+    assert status == "KILLED" and steps["train/loss/total"] == list(range(1, step + 1))
+
+    resumed = subprocess.run([*cmd, f"optim.max_iters={step + 2}", "--resume"], env=ENV, capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    status, steps, _, _ = mlflow_run(out)
+    assert status == "FINISHED" and steps["train/loss/total"] == list(range(1, step + 3))
+    reference = tmp_path / "reference"  # an uninterrupted run, in a process of its own (the same thread count)
+    untouched = {**steady, "optim.max_iters": step + 2, "tracking.enabled": False}
+    done = subprocess.run([sys.executable, str(REPO / "clipzss" / "train.py"), *tiny_overrides(assets, reference,
+                          **untouched)], env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    mine, theirs = student_weights(out), student_weights(reference)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def test_a_scheduler_stop_is_killed_and_a_rerun_gets_a_fresh_mlflow_run(assets, tmp_path):

@@ -3,11 +3,16 @@
 Every sample's augmentation is seeded by (run seed, epoch, index), so a batch depends only on the step it belongs
 to: not on the worker that loaded it, and not on whether the run was interrupted and resumed. That is what makes
 ``--resume`` reproduce an uninterrupted run exactly.
+
+The loader's worker processes ignore SIGTERM and SIGINT: a scheduler's stop (``kill -TERM -- -PGID``, Slurm,
+systemd, Kubernetes) and a terminal's Ctrl-C reach the whole process group, and the main process alone decides how
+the run stops (a checkpoint of the last step, then a true MLflow status). Workers still end with the main process.
 """
 
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -66,6 +71,15 @@ class StepBatches(Sampler[list[tuple[int, int]]]):
             step += 1
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn``: leave SIGTERM / SIGINT to the main process. PyTorch's worker handler dies on a SIGTERM
+    that does not come from its parent, which a process-group signal never does, and the main process then fails
+    on the lost worker instead of stopping cleanly. The worker's watchdog still ends it once the main process is
+    gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def training_batches(
     dataset: Dataset, batch_size: int, seed: int, num_workers: int, rank: int, world: int, start: int
 ) -> Iterator[dict]:
@@ -77,6 +91,7 @@ def training_batches(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(seed),  # keeps the loader's draws off the global RNG (resume)
     )
     return iter(loader)
