@@ -26,7 +26,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from clipzss.cli_errors import DEBUG_FLAG, DEBUG_HELP, run_reporting_errors
-from clipzss.config import Config, check_values, flatten, load_config, save_config, to_dict
+from clipzss.config import Config, check_values, flatten, from_dict, load_config, save_config, to_dict
 from clipzss.data.datasets import build_dataset
 from clipzss.engine.checkpoint import (
     MODEL_FILE,
@@ -41,7 +41,7 @@ from clipzss.engine.loader import training_batches
 from clipzss.engine.plm_diagnostics import plm_diagnostics
 from clipzss.engine.resume import apply_optimizer_settings, resume_changes
 from clipzss.engine.run_lock import run_dir_lock
-from clipzss.engine.spool import Spool, pending_records, set_aside
+from clipzss.engine.spool import JOURNAL, Spool, pending_records, read_journal, set_aside
 from clipzss.engine.stop import RunTerminated, StopRequest
 from clipzss.engine.tracking import (
     RUN_ID_FILE,
@@ -65,6 +65,8 @@ Report = Callable[[dict[str, float], Path | None], None]
 
 
 STOPPED_EARLY_TAG = "clipzss.stopped_early"  # set when a scheduler (Ray Tune) ends the run: "stopped early at step N"
+FAILURE_TAG = "clipzss.failure"  # why a FAILED run failed: "<error type>: <message>"
+RESUMED_TAG = "clipzss.resumed_from"  # a resume into a new MLflow run: the step, the store of its past
 
 
 class ResumeError(RuntimeError):
@@ -267,10 +269,11 @@ def _train_in(cfg: Config, accelerator, output_dir: Path, checkpoint: Path | Non
     model, optimizer = accelerator.prepare(model, optimizer)
     tracker = NullTracker()
     if accelerator.is_main_process:
-        save_config(cfg, output_dir / "config.yaml")
         if cfg.tracking.enabled:
-            tracker = _open_tracking(cfg, output_dir, resumed=state is not None, changes=changes, start=start)
+            saved = state["config"] if state is not None else None
+            tracker = _open_tracking(cfg, output_dir, saved, changes, start)
             log_datasets(tracker, cfg, train_set, val_set)
+        save_config(cfg, output_dir / "config.yaml")  # once tracking has opened: a refused resume changes nothing
     run = RunState(cfg, accelerator, teacher, model, optimizer, scheduler, train_set, val_set, eval_text, tracker,
                    output_dir, report, stop, start)  # fmt: skip
     try:
@@ -286,32 +289,64 @@ def _train_in(cfg: Config, accelerator, output_dir: Path, checkpoint: Path | Non
     return final
 
 
-def _open_tracking(cfg: Config, output_dir: Path, resumed: bool, changes: dict, start: int) -> Spool:
-    """The MLflow run of this folder behind a spool; a fresh (not resumed) run always gets a new MLflow run."""
-    if not resumed:  # a re-run in a folder without checkpoints must not inherit the old run's params
-        (output_dir / RUN_ID_FILE).unlink(missing_ok=True)
-        kept = set_aside(output_dir)
-        if kept is not None:
-            print(f"undelivered tracking records of the previous run in {output_dir} were kept in {kept}")
+def _open_tracking(cfg: Config, output_dir: Path, saved: dict | None, changes: dict, start: int) -> Spool:
+    """The MLflow run of this folder behind a spool (``saved``: the config of the checkpoint resumed, if any).
+
+    A fresh run always gets a new MLflow run. A resume continues the MLflow run whose id the folder holds; without
+    one (a moved or copied folder, another store) it gets a new MLflow run holding what a fresh run logs (the config
+    the checkpoint trained with), the resume's changes as ``<key>.from_step_<N>``, the tag :data:`RESUMED_TAG` and
+    the metrics of steps 1..N that the folder's journal still holds. The folder's files change only once the store
+    has opened the run, so a refused resume leaves them as they were.
+    """
+    id_file = output_dir / RUN_ID_FILE
+    continuing = saved is not None and id_file.is_file()
+    earlier = _journalled_metrics(output_dir, start) if saved is not None and not continuing else []
+    if saved is None:  # a re-run in a folder without checkpoints must not inherit the old run's params
+        id_file.unlink(missing_ok=True)
     tags = {"clipzss.dataset": cfg.data.dataset}
     if cfg.tracking.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+    if saved is not None and not continuing:
+        tags[RESUMED_TAG] = _resume_facts(saved, start, bool(earlier))
     tracker = Tracker(cfg.tracking, output_dir, run_name(cfg), tags, run_description(cfg))
-    spool = Spool(tracker, output_dir, quiet_http=quick_http, continuing=resumed)
-    if resumed:  # MLflow never changes a logged param: a resume override is logged under its own name
+    if not continuing:
+        kept = set_aside(output_dir)
+        if kept is not None:
+            print(f"undelivered tracking records of the previous run in {output_dir} were kept in {kept}")
+    spool = Spool(tracker, output_dir, quiet_http=quick_http, continuing=continuing)
+    if not continuing:
+        spool.log_params({k: param_value(v) for k, v in flatten(cfg if saved is None else from_dict(saved)).items()})
+    if saved is not None:  # MLflow never changes a logged param: a resume override is logged under its own name
         spool.log_params({f"{k}.from_step_{start}": str(new) for k, (_, new) in changes.items()})
-    else:
-        spool.log_params({k: param_value(v) for k, v in flatten(cfg).items()})
+    for record in earlier:
+        spool.log_metrics(*record["args"], timestamp_ms=record["kwargs"].get("timestamp_ms"))
     spool.log_dict(to_dict(cfg), "config.yaml")
     return spool
 
 
+def _journalled_metrics(output_dir: Path, last: int) -> list[dict]:
+    """The folder's journalled ``log_metrics`` records of steps up to ``last`` (the steps a resume does not redo)."""
+    records = read_journal(output_dir / JOURNAL)
+    return [r for r in records if r["op"] == "log_metrics" and r["args"][1] <= last]
+
+
+def _resume_facts(saved: dict, start: int, replayed: bool) -> str:
+    """The :data:`RESUMED_TAG` of a resume into a new MLflow run: where it started, and where its past is."""
+    before = saved["tracking"]["uri"] or "the default store"
+    past = (f"the metrics of steps 1-{start} are copied from the run folder's journal" if replayed
+            else f"the metrics of steps 1-{start} are not in this run")  # fmt: skip
+    return f"resumed at step {start} from a checkpoint of a run tracked in {before}; {past}"
+
+
 def _end_tracking(run: RunState, error: BaseException) -> None:
-    """Give the MLflow run a true status: KILLED for SIGTERM, Ctrl-C and a scheduler's stop, else FAILED."""
+    """Give the MLflow run a true status: KILLED for SIGTERM, Ctrl-C and a scheduler's stop, else FAILED with the
+    error in the tag :data:`FAILURE_TAG`."""
     stopped_early = isinstance(error, SystemExit) and error.code in (0, None)  # Ray Tune ending a trial
     if stopped_early:
         run.tracker.set_tags({STOPPED_EARLY_TAG: f"stopped early at step {run.step}"})
     killed = stopped_early or isinstance(error, (KeyboardInterrupt, RunTerminated))
+    if not killed:
+        run.tracker.set_tags({FAILURE_TAG: f"{type(error).__name__}: {error}"[:2000]})
     run.tracker.finish("KILLED" if killed else "FAILED")
 
 
@@ -515,7 +550,7 @@ def deliver_spooled(run_dir: str | Path, wait: float) -> int:
         return 0
     cfg = load_config(run_dir / "config.yaml")
     with run_dir_lock(run_dir):
-        left = Spool(Tracker(cfg.tracking, run_dir), run_dir, quiet_http=quick_http).close(wait)
+        left = Spool(Tracker(cfg.tracking, run_dir, mark_running=False), run_dir, quiet_http=quick_http).close(wait)
     print(f"{run_dir}: delivered {waiting - left} of {waiting} spooled tracking record(s)")
     return left
 

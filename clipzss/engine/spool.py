@@ -13,6 +13,10 @@ in the run directory (``tracking_spool.jsonl``), then delivered in order by one 
   (bit-identically); values already journalled for those steps are not logged again, and each metric carries the
   timestamp of its first journalling, so a redelivery after a crash is an exact duplicate that MLflow ignores.
 
+- **A full disk stops nothing.** A journal line or a delivery position that cannot be written (no space left) is
+  kept in memory and written when space returns, so delivery goes on; a torn line is cut off at once, so it never
+  hides the lines after it. A store that cannot write because *its* disk is full is named as such, not as away.
+
 A call the server *refuses* (a bad value, not an outage) is moved to ``tracking_spool.rejected.jsonl`` with the
 server's answer, so one bad record cannot wedge the queue. NumPy arrays (images) travel as ``.npy`` files beside
 the journal.
@@ -29,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-JOURNAL = "tracking_spool.jsonl"
-CURSOR = "tracking_spool.delivered"
+from clipzss.engine.disk import free_mib, is_disk_full, store_disk
+from clipzss.engine.journal import CURSOR, JOURNAL, Journal, read_journal, read_position
+
 REJECTED = "tracking_spool.rejected.jsonl"
 ARRAYS = "tracking_spool_arrays"
 FLUSH_SECONDS = 15.0  # the longest a run's end waits for an unreachable server
@@ -48,19 +53,6 @@ def is_outage(error: BaseException) -> bool:
         return False
     library = type(error).__module__.split(".")[0]
     return isinstance(error, OSError) or library in ("requests", "urllib3", "sqlalchemy")
-
-
-def read_journal(path: Path) -> list[dict]:
-    """The journal's records; a torn last line (a kill -9 mid-write) is dropped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
 
 
 def _import_ipython_here() -> None:
@@ -88,11 +80,10 @@ class Spool:
         self.sink, self.uri, self.run_id = sink, sink.uri, sink.run_id
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._journal_path = self.dir / JOURNAL
-        self._records = read_journal(self._journal_path)
-        self._journal_path.write_text("".join(json.dumps(r) + "\n" for r in self._records))  # drop a torn tail
-        cursor = self.dir / CURSOR
-        self._delivered = int(cursor.read_text()) if cursor.is_file() else 0
+        self._journal = Journal(self.dir)
+        self._journal_path = self._journal.path
+        self._records = list(self._journal.records)
+        self._delivered = self._journal.delivered
         waiting = range(self._delivered, len(self._records))
         self._void = {i for i in waiting if self._records[i]["op"] == "finish"} if continuing else set()
         self._seen = {(k, r["args"][1]) for r in self._records if r["op"] == "log_metrics" for k in r["args"][0]}
@@ -100,7 +91,7 @@ class Spool:
         self._wake = threading.Condition()
         self._closing = False
         self.outage_since: float | None = None
-        self._journal = open(self._journal_path, "a")  # noqa: SIM115 - held open for the run's life
+        self.store_full = False  # the store's last failure said its disk is full
         _import_ipython_here()
         self._thread = threading.Thread(target=self._deliver_forever, name="clipzss-mlflow-spool", daemon=True)
         self._thread.start()
@@ -111,12 +102,14 @@ class Spool:
             raise AttributeError(op)
         return lambda *args, **kwargs: self._append(op, list(args), kwargs)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Journal the (key, step) pairs not journalled before, stamped now."""
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        """Journal the (key, step) pairs not journalled before, stamped now (or ``timestamp_ms``: when they were
+        produced, for values copied from another journal)."""
         fresh = {k: float(v) for k, v in metrics.items() if (k, step) not in self._seen and np.isfinite(v)}
         if fresh:
             self._seen.update((k, step) for k in fresh)
-            self._append("log_metrics", [fresh, step], {"timestamp_ms": int(time.time() * 1000)})
+            stamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+            self._append("log_metrics", [fresh, step], {"timestamp_ms": stamp})
 
     def pending(self) -> int:
         with self._wake:
@@ -129,9 +122,8 @@ class Spool:
         except TypeError as e:
             raise TypeError(f"tracker call {op}: arguments cannot be journalled ({e})") from e
         with self._wake:
-            self._journal.write(line + "\n")
-            self._journal.flush()
             self._records.append(record)
+            self._journal.append(line)
             self._wake.notify()
 
     def _encode(self, value: Any) -> Any:
@@ -154,14 +146,26 @@ class Spool:
             self._closing = True
             self._wake.notify_all()
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 6)
-        self._journal.close()
-        left = self.pending()
+        with self._wake:
+            self._journal.write_waiting()
+            self._journal.save_position(self._delivered)
+            unwritten, left = self._journal.unwritten(), len(self._records) - self._delivered
+            self._journal.close()
         if left:
-            print(
-                f"MLflow at {self.uri} did not answer: {left} tracking record(s) wait in {self._journal_path}; "
-                "they are delivered when this run is resumed (--resume)."
-            )
+            self._report_waiting(left)
+        if unwritten:
+            lost = min(unwritten, left)
+            fate = f"{lost} of them did not reach MLflow either and are lost" if lost else "MLflow has them all"
+            print(f"{unwritten} tracking record(s) could not be written to {self._journal_path} "
+                  f"({free_mib(self.dir):.1f} MiB free on that disk); {fate}")  # fmt: skip
         return left
+
+    def _report_waiting(self, left: int) -> None:
+        why = f"could not write: {store_disk(self.uri)} is full" if self.store_full else "did not answer"
+        print(
+            f"MLflow at {self.uri} {why}: {left} tracking record(s) wait in {self._journal_path}; they are delivered "
+            f"by `clipzss sync {self.dir}` or when this run is resumed (--resume)."
+        )
 
     def _deliver_forever(self) -> None:
         backoff = min(1.0, MAX_BACKOFF)
@@ -176,7 +180,8 @@ class Spool:
                 backoff = min(1.0, MAX_BACKOFF)
                 with self._wake:
                     self._delivered += 1
-                    _write_atomic(self.dir / CURSOR, str(self._delivered))
+                    self._journal.write_waiting()
+                    self._journal.save_position(self._delivered)
                     self._wake.notify_all()
             else:
                 with self._wake:
@@ -184,9 +189,9 @@ class Spool:
                 backoff = min(2 * backoff, MAX_BACKOFF)
 
     def _deliver(self, record: dict) -> bool:
-        """Deliver one record; False if the store is away (retry later). A refusal is set aside, not retried."""
-        args = [np.load(a["__ndarray__"]) if isinstance(a, dict) and "__ndarray__" in a else a for a in record["args"]]
+        """Deliver one record; False if the store is away or full (retry later). A refusal is set aside."""
         try:
+            args = [np.load(a["__ndarray__"]) if _is_array(a) else a for a in record["args"]]
             if self._quiet_http is not None:
                 with self._quiet_http():
                     getattr(self.sink, record["op"])(*args, **record["kwargs"])
@@ -194,34 +199,45 @@ class Spool:
                 getattr(self.sink, record["op"])(*args, **record["kwargs"])
         except Exception as e:  # noqa: BLE001 - sorted into outage / refusal just below
             if is_outage(e):
-                if self.outage_since is None:
-                    self.outage_since = time.monotonic()
-                    print(f"MLflow at {self.uri} is unreachable ({type(e).__name__}); training goes on, "
-                          f"tracking calls wait in {self._journal_path}")  # fmt: skip
+                self._store_failed(e)
                 return False
-            with open(self.dir / REJECTED, "a") as f:
-                f.write(json.dumps({**record, "error": f"{type(e).__name__}: {e}"}) + "\n")
-            print(f"MLflow refused {record['op']} ({e}); the call is kept in {self.dir / REJECTED}")
+            self._set_aside(record, e)
         if self.outage_since is not None:
             print(f"MLflow at {self.uri} answers again after {time.monotonic() - self.outage_since:.0f} s")
-            self.outage_since = None
+            self.outage_since, self.store_full = None, False
         for a in record["args"]:
-            if isinstance(a, dict) and "__ndarray__" in a:
+            if _is_array(a):
                 Path(a["__ndarray__"]).unlink(missing_ok=True)
         return True
 
+    def _store_failed(self, error: Exception) -> None:
+        """Say once per outage what keeps the store from taking records: its full disk, or its absence."""
+        full = is_disk_full(error)
+        if self.outage_since is None or full != self.store_full:
+            self.outage_since = self.outage_since or time.monotonic()
+            why = f"cannot write: {store_disk(self.uri)} is full" if full else "is unreachable"
+            print(f"MLflow at {self.uri} {why} ({type(error).__name__}); training goes on, tracking calls wait in "
+                  f"{self._journal_path}")  # fmt: skip
+        self.store_full = full
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    def _set_aside(self, record: dict, error: Exception) -> None:
+        print(f"MLflow refused {record['op']} ({error}); the call is kept in {self.dir / REJECTED}")
+        try:
+            with open(self.dir / REJECTED, "a") as f:
+                f.write(json.dumps({**record, "error": f"{type(error).__name__}: {error}"}) + "\n")
+        except OSError as e:  # a full disk: the refused call is at least on the console
+            print(f"cannot keep it there ({e}): {json.dumps(record)[:2000]}")
+
+
+def _is_array(arg: Any) -> bool:
+    return isinstance(arg, dict) and "__ndarray__" in arg
 
 
 def pending_records(run_dir: str | Path) -> int:
     """How many journalled records of ``run_dir`` are not yet delivered."""
     folder = Path(run_dir)
-    cursor = folder / CURSOR
-    return len(read_journal(folder / JOURNAL)) - (int(cursor.read_text()) if cursor.is_file() else 0)
+    records = len(read_journal(folder / JOURNAL))
+    return records - read_position(folder, records)
 
 
 def set_aside(run_dir: str | Path) -> Path | None:

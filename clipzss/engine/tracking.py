@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from clipzss.config import Config, TrackingConfig
+from clipzss.engine.disk import is_disk_full, store_disk
 from clipzss.engine.run_lock import waiting_lock
 from clipzss.paths import resolve_path
 
@@ -164,6 +165,16 @@ def _sqlite_file(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
+def _unusable_store(uri: str, error: Exception) -> str:
+    """What keeps a store from opening, and the way out: its full disk, or its absence."""
+    what = f"({type(error).__name__}: {error})"
+    if is_disk_full(error):
+        return (f"MLflow tracking store {uri!r} cannot write: {store_disk(uri)} is full {what}. Free space there, "
+                "or set tracking.uri to a store on another disk, or tracking.enabled=false.")  # fmt: skip
+    return (f"MLflow tracking store {uri!r} is unreachable or unusable {what}. Start the server, or set "
+            "tracking.uri='' for the local SQLite store, or tracking.enabled=false.")  # fmt: skip
+
+
 def _store_opening(uri: str):
     """For a SQLite store, one process at a time opens it: MLflow creates a new file's schema (and the experiment) on
     first use, and two processes doing that at once fail ("duplicate column name")."""
@@ -181,6 +192,7 @@ class Tracker:
         run_name: str = "",
         tags: dict | None = None,
         description: str = "",
+        mark_running: bool = True,
     ):
         """Create the run (or reopen the one whose id ``output_dir`` holds) in a model-training experiment.
 
@@ -190,6 +202,11 @@ class Tracker:
             run_name: shown in the UI; ``cfg.run_name`` wins when set, then this, then the folder's name.
             tags: extra run tags (``mlflow.parentRunId`` nests the run).
             description: the run's Markdown description (MLflow's ``mlflow.note.content``).
+            mark_running: a reopened run is RUNNING again (a training session); False leaves its status to the
+                records delivered (``clipzss sync``), so a delivery never makes an ended run look alive.
+
+        Raises:
+            TrackingError: the store cannot be used, or it does not hold the run whose id ``output_dir`` names.
         """
         import mlflow
         from mlflow.tracking import MlflowClient
@@ -201,15 +218,11 @@ class Tracker:
                 self.client = MlflowClient(tracking_uri=self.uri)
                 experiment_id = self._experiment(cfg.experiment)
             except Exception as e:
-                raise TrackingError(
-                    f"MLflow tracking store {self.uri!r} is unreachable or unusable ({type(e).__name__}: {e}). "
-                    "Start the server, or set tracking.uri='' for the local SQLite store, "
-                    "or tracking.enabled=false."
-                ) from e
+                raise TrackingError(_unusable_store(self.uri, e)) from e
         id_file = self.output_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else ""
         if run_id:
-            self.client.update_run(run_id, status="RUNNING")
+            self._reopen(run_id, id_file, mark_running)
         else:
             run_tags = {**source_tags(), **(tags or {})}
             if description:
@@ -221,6 +234,21 @@ class Tracker:
         self.run_id = run_id
         self._mlflow = mlflow
         self._monitor = self._system_metrics() if cfg.system_metrics else None
+
+    def _reopen(self, run_id: str, id_file: Path, mark_running: bool) -> None:
+        try:
+            self.client.get_run(run_id)
+        except Exception as e:
+            if getattr(e, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                raise TrackingError(_unusable_store(self.uri, e)) from e
+            raise TrackingError(
+                f"{id_file} names MLflow run {run_id}, which the store {self.uri!r} does not hold (a run folder moved "
+                "or copied to another store?). Resume with tracking.uri set to that run's store, or delete "
+                f"{id_file} to continue in a new MLflow run of {self.uri!r}: it gets the full config and the step it "
+                "resumed from."
+            ) from None
+        if mark_running:
+            self.client.update_run(run_id, status="RUNNING")
 
     def _experiment(self, name: str) -> str:
         """The id of experiment ``name``, created as a model-training experiment (older ones are tagged so)."""
