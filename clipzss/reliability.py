@@ -1,14 +1,15 @@
 """Replay faults against a real tiny training and print fault -> outcome (``clipzss reliability``).
 
 Every training here is the real CLI (``python -m clipzss.cli train``) in its own process on the synthetic world,
-so signals, locks and outages are the real thing: kill -9, Ctrl-C (SIGINT), SIGTERM, a second trainer in the same
-folder, an MLflow server killed mid-run and restarted afterwards, a write limit that fails the checkpoint, bad
-values and bad ``--resume`` requests, and odd image modes through ``clipzss segment``.
+so signals, locks and outages are the real thing: kill -9, Ctrl-C (SIGINT), SIGTERM (to the trainer, and to its
+whole process group with DataLoader workers), a second trainer in the same folder, an MLflow server killed mid-run
+and restarted afterwards, a write limit that fails the checkpoint, bad values and bad ``--resume`` requests, and
+odd image modes through ``clipzss segment``.
 
 A fault is *survived* when the user gets what they would want (the run finishes or stops cleanly with a true
 MLflow status, or the request is refused naming the key/file/holder). *Data lost* counts training steps whose
-metrics are missing from MLflow or committed more than once. This is a benchmark, not a timed test: 17 tiny
-trainings, 80 minutes on a busy shared 2-core machine.
+metrics are missing from MLflow or committed more than once. This is a benchmark, not a timed test: 19 tiny
+trainings, well over an hour on a busy shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -117,14 +118,22 @@ def same_weights(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def crash_then_resume(bench: Bench, name: str, how: signal.Signals, fault: str) -> Outcome:
-    """Interrupt a run with ``how`` once it has logged steps past a checkpoint, then ``--resume`` it."""
-    proc = bench.start(name)
+def crash_then_resume(bench: Bench, name: str, how: signal.Signals, fault: str, *extra: str,
+                      group: bool = False) -> Outcome:  # fmt: skip
+    """Interrupt a run with ``how`` once it has logged steps past a checkpoint, then ``--resume`` it.
+
+    ``group``: the run is a process group of its own (its DataLoader workers too) and the signal goes to all of it,
+    as Slurm, systemd and Kubernetes send it.
+    """
+    proc = bench.start(name, *extra, start_new_session=group)
     wait_for(lambda: bench.logged_past_checkpoint(name), proc)
-    proc.send_signal(how)
+    if group:
+        os.killpg(proc.pid, how)
+    else:
+        proc.send_signal(how)
     proc.communicate(timeout=300)
     status_after_crash = bench.tracked(name)[0]
-    code, err = bench.run(name, resume=True)
+    code, err = bench.run(name, *extra, resume=True)
     status, steps, _ = bench.tracked(name)
     identical = code == 0 and same_weights(bench.root / name, bench.root / "reference")
     lost = lost_steps(steps)
@@ -311,6 +320,14 @@ def run_reliability(workspace: str | Path | None = None) -> list[Outcome]:
         lambda: crash_then_resume(bench, "kill9", signal.SIGKILL, "kill -9 mid-run, then --resume"),
         lambda: crash_then_resume(bench, "ctrlc", signal.SIGINT, "Ctrl-C mid-run, then --resume"),
         lambda: crash_then_resume(bench, "sigterm", signal.SIGTERM, "SIGTERM mid-run, then --resume"),
+        lambda: crash_then_resume(
+            bench,
+            "group",
+            signal.SIGTERM,
+            "SIGTERM to the process group (2 loader workers), then --resume",
+            "data.num_workers=2",
+            group=True,
+        ),  # fmt: skip
         lambda: mlflow_outage(bench, reference_seconds),
         lambda: refused(bench, "optim.lr=-1", "bad_lr", ["optim.lr=-1"], "optim.lr: must be > 0"),
         lambda: refused(bench, "data.batch_size=0", "bad_bs", ["data.batch_size=0"], "data.batch_size: must be >= 1"),
