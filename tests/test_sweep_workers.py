@@ -108,6 +108,13 @@ def _worker_pids(ray_tmp: str) -> list[int]:
     return sorted(mine)
 
 
+def _assert_no_workers_left(ray_tmp: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while _worker_pids(ray_tmp):
+        assert time.monotonic() < deadline, "Ray Train workers outlived their trial"
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_a_worker_killed_mid_trial_restarts_its_group_into_the_same_run(assets, tmp_path):
     from mlflow.tracking import MlflowClient
@@ -137,53 +144,59 @@ def test_a_worker_killed_mid_trial_restarts_its_group_into_the_same_run(assets, 
     assert trial.info.status == "FINISHED"
     history = client.get_metric_history(trial.info.run_id, LOSS_PREFIX + "total")
     assert sorted(m.step for m in history) == list(range(1, 13))  # every step once, none twice
-    assert not _worker_pids(env["RAY_TMPDIR"])  # no orphan worker left
+    _assert_no_workers_left(env["RAY_TMPDIR"])
+
+
+STOP_AT_FIRST_RESULT = """
+import sys
+import ray
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from clipzss.sweep.shape import TrialShape
+from clipzss.sweep.trainable import run_trial
+
+
+class StopAtFirstResult(FIFOScheduler):  # what ASHA answers a trial below its rung's cut
+    def on_trial_result(self, tune_controller, trial, result):
+        return TrialScheduler.STOP
+
+
+storage, parent, fixed = sys.argv[1], sys.argv[2], sys.argv[3:]
+shape = TrialShape(2, cpus_per_worker=1.0, gpus_per_worker=0.0)
+ray.init(address="local", num_cpus=3)
+trainable = tune.with_resources(
+    tune.with_parameters(run_trial, config="voc", fixed=fixed, parent_run_id=parent, shape=shape, max_failures=0),
+    lambda sample: tune.PlacementGroupFactory([shape.resources(sample)]),
+)
+tune.Tuner(trainable, param_space={"student.arch": "segformer_tiny"},
+           tune_config=tune.TuneConfig(scheduler=StopAtFirstResult()),
+           run_config=tune.RunConfig(storage_path=storage, name="stop")).fit()
+"""
 
 
 @pytest.mark.slow
-def test_a_scheduler_stop_ends_every_worker_and_closes_the_run_killed(assets, tmp_path, monkeypatch):
-    import ray
+def test_a_scheduler_stop_ends_every_worker_and_closes_the_run_killed(assets, tmp_path):
     from mlflow.tracking import MlflowClient
-    from ray import tune
-    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
     from clipzss.config import TrackingConfig
     from clipzss.engine.tracking import Tracker
-    from clipzss.sweep.shape import TrialShape
-    from clipzss.sweep.trainable import run_trial
     from clipzss.train import STOPPED_EARLY_TAG
 
-    class StopAtFirstResult(FIFOScheduler):  # what ASHA answers a trial below its rung's cut
-        def on_trial_result(self, tune_controller, trial, result):
-            return TrialScheduler.STOP
-
     env = _env()
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = Tracker(TrackingConfig(uri=uri), tmp_path / "parent", run_name="parent")
     fixed = tiny_overrides(assets, tmp_path / "unused", **{"optim.max_iters": 8, "tracking.uri": uri})
-    shape = TrialShape(2, cpus_per_worker=1.0, gpus_per_worker=0.0)
-    ray.init(address="local", num_cpus=3)
+    command = [sys.executable, "-c", STOP_AT_FIRST_RESULT, str(tmp_path / "ray"), parent.run_id, *fixed]
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, config="voc", fixed=fixed, parent_run_id=parent.run_id, shape=shape,
-                                 max_failures=0),
-            lambda sample: tune.PlacementGroupFactory([shape.resources(sample)]),
-        )  # fmt: skip
-        tune.Tuner(
-            trainable,
-            param_space={"student.arch": "segformer_tiny"},
-            tune_config=tune.TuneConfig(scheduler=StopAtFirstResult()),
-            run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), name="stop"),
-        ).fit()
-        deadline = time.monotonic() + 120
-        while _worker_pids(env["RAY_TMPDIR"]):  # Ray ends the stopped trial's workers
-            assert time.monotonic() < deadline, "Ray Train workers outlived their stopped trial"
-            time.sleep(0.5)
+        out, _ = proc.communicate(timeout=900)
     finally:
-        ray.shutdown()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert proc.returncode == 0, out[-4000:]
+    _assert_no_workers_left(env["RAY_TMPDIR"])
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("clipzss").experiment_id],
                                 f"tags.mlflow.parentRunId = '{parent.run_id}'")  # fmt: skip
@@ -208,10 +221,7 @@ def test_a_killed_driver_resumes_its_multi_worker_trial(assets, tmp_path):
             time.sleep(0.5)
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the private Ray it started
         driver.wait(timeout=60)
-        deadline = time.monotonic() + 120
-        while _worker_pids(env["RAY_TMPDIR"]):
-            assert time.monotonic() < deadline, "Ray Train workers outlived their killed driver"
-            time.sleep(0.5)
+        _assert_no_workers_left(env["RAY_TMPDIR"])
         done = subprocess.run([*script, *args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=900)  # fmt: skip
     finally:

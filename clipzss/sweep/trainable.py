@@ -26,6 +26,7 @@ from clipzss.sweep.shape import TrialShape
 from clipzss.sweep.space import sample_overrides
 
 _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
+STOP_GRACE_SECONDS = 300.0  # the longest a stopped trial waits for its run to close
 
 
 def _tune_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
@@ -163,6 +164,26 @@ def run_trial(
 
             metrics = {**metrics, **student_cost(output_dir / MODEL_FILE, trial_device(cfg))}
         _tune_report(metrics, checkpoint)
+
+
+class FinishesItsRunOnStop:
+    """A mixin of the trial's Tune trainable: when the scheduler stops the trial, its process stays until the trial's
+    thread has closed the MLflow run (KILLED, tagged with its step; for a multi-worker trial, after every rank has
+    stopped). Tune ends a stopped trial's process as soon as this cleanup returns, cutting any of that short."""
+
+    def cleanup(self) -> None:
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        thread = session.training_thread if session is not None and session.training_started else None
+        try:
+            super().cleanup()  # wakes the trial's thread with the scheduler's SystemExit
+        finally:
+            if thread is not None:
+                thread.join(STOP_GRACE_SECONDS)
+
+
+run_trial.__mixins__ = (FinishesItsRunOnStop,)  # Tune builds the trainable class from it (ray.tune.with_parameters)
 
 
 def cell_key(sample: dict[str, Any]) -> str:

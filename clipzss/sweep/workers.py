@@ -11,8 +11,9 @@ Who does what:
   trial's process over a :class:`TrialChannel`.
 - **The trial's process** reports each result to Tune from its own thread (where Tune's scheduler can stop it) and
   answers every worker's "go on?" for that step. When ASHA stops the trial, every rank stops at that same step and
-  the run closes KILLED with the stopped-early tag (closed from the trial's process too, in case Ray ends it first;
-  the workers die with it, since Ray ties actors to their owner).
+  rank 0 closes the run KILLED with the stopped-early tag before the trial's process ends
+  (:class:`~clipzss.sweep.trainable.FinishesItsRunOnStop`); the workers end with it, as Ray ties actors to their
+  owner.
 
 A worker killed mid-trial makes Ray Train restart the worker group from the last reported checkpoint (``--max-failures``
 times); the MLflow run continues and the spool commits each (metric, step) once.
@@ -98,7 +99,7 @@ def run_worker_trial(cfg: Config, workers: int, shape: TrialShape, max_failures:
     outcome: dict[str, BaseException] = {}
     thread = threading.Thread(target=_fit, args=(trainer, outcome), name="clipzss-train-workers", daemon=True)
     thread.start()
-    finals = _relay_results(cfg, channel, thread)
+    finals = _relay_results(channel, thread)
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
@@ -113,7 +114,7 @@ def _fit(trainer, outcome: dict[str, BaseException]) -> None:
         outcome["error"] = e
 
 
-def _relay_results(cfg: Config, channel, thread: threading.Thread) -> list[dict[str, float]]:
+def _relay_results(channel, thread: threading.Thread) -> list[dict[str, float]]:
     """Report rank 0's results to Tune until the trainer ends; returns the final results, held back."""
     import ray
     from ray import tune
@@ -136,29 +137,11 @@ def _relay_results(cfg: Config, channel, thread: threading.Thread) -> list[dict[
         last = step
         try:
             tune.report(metrics)
-        except SystemExit:  # the scheduler stopped the trial
-            close_stopped_early(cfg, step)
+        except SystemExit:  # the scheduler stopped the trial: every rank stops at this step, rank 0 closes the run
             ray.get(channel.decide.remote(step, True))
             thread.join()
             raise
         ray.get(channel.decide.remote(step, False))
-
-
-def close_stopped_early(cfg: Config, step: int) -> None:
-    """Mark the trial's MLflow run KILLED with the stopped-early tag, as rank 0 will if it gets the time."""
-    from mlflow.tracking import MlflowClient
-
-    from clipzss.train import STOPPED_EARLY_TAG
-
-    t = cfg.tracking
-    if not t.enabled or not t.parent_run_id:
-        return
-    client = MlflowClient(tracking_uri=t.uri)
-    experiment = client.get_experiment_by_name(t.experiment)
-    query = f"tags.mlflow.parentRunId = '{t.parent_run_id}' and tags.`mlflow.runName` = '{t.run_name}'"
-    for run in client.search_runs([experiment.experiment_id], query) if experiment else []:
-        client.set_tag(run.info.run_id, STOPPED_EARLY_TAG, f"stopped early at step {step}")
-        client.set_terminated(run.info.run_id, "KILLED")
 
 
 def worker_main(loop: dict[str, Any]) -> None:
@@ -176,7 +159,9 @@ def worker_main(loop: dict[str, Any]) -> None:
     output_dir = Path(cfg.run.output_dir)
     if context.get_local_rank() == 0:  # one fetch per node: the others read the same folder
         fetch_latest_checkpoint(*loop["storage"], output_dir)
-    dist.barrier()
+    nodes: list[str | None] = [None] * context.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())  # also: every fetch is done
+    where = {"worker_nodes": ",".join(nodes)}  # Tune's results say where each rank ran
     resumable = latest_checkpoint(output_dir) is not None  # the same on every rank: one checkpoint, fetched first
     if rank == 0:
         reattach_mlflow_run(cfg, output_dir, resumable)
@@ -188,7 +173,7 @@ def worker_main(loop: dict[str, Any]) -> None:
             return
         _report_to_train(metrics, checkpoint)
         if rank == 0:
-            ray.get(channel.put.remote(metrics, False))
+            ray.get(channel.put.remote({**metrics, **where}, False))
         if ray.get(channel.should_stop.remote(int(metrics["step"]))):
             raise SystemExit(0)  # what Tune raises in a one-process trial: train() closes the run KILLED, tagged
 
@@ -206,7 +191,7 @@ def worker_main(loop: dict[str, Any]) -> None:
             metrics = {**metrics, **student_cost(output_dir / MODEL_FILE, trial_device(cfg))}
         _report_to_train(metrics, checkpoint)
         if rank == 0:
-            ray.get(channel.put.remote(metrics, True))
+            ray.get(channel.put.remote({**metrics, **where}, True))
 
 
 def _report_to_train(metrics: dict[str, float], checkpoint: Path | None) -> None:
