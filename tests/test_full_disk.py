@@ -76,6 +76,44 @@ class Console:
             time.sleep(0.1)
 
 
+class Sink:
+    """A store that takes every call (on another disk), recording them."""
+
+    uri, run_id = "http://127.0.0.1:9", "run0"
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, op):
+        return lambda *args, **kwargs: self.calls.append((op, args))
+
+
+def test_the_spool_delivers_while_its_disk_is_full_and_writes_its_journal_when_space_returns(small_disk, capsys):
+    run = small_disk / "run"
+    sink, journal = Sink(), run / spool.JOURNAL
+    s = spool.Spool(sink, run)
+    s.log_metrics({"loss": 1.0}, 1)
+    filler = fill(small_disk)
+    for step in range(2, 200):  # more lines than the room left in the journal's last page
+        s.log_metrics({"loss": 1.0 / step}, step)
+    s.finish("FAILED")
+    deadline = time.monotonic() + 60
+    while s.pending():
+        assert time.monotonic() < deadline, "the spool stopped delivering"
+        time.sleep(0.05)
+    on_disk = len(spool.read_journal(journal))
+    assert on_disk < 200 and journal.read_bytes().endswith(b"\n")  # some lines refused, none torn
+    assert strays(small_disk) == []
+    filler.unlink()
+    s.log_metrics({"loss": 0.0}, 200)  # the next append writes what waited, in order
+    assert s.close(wait=10) == 0
+    records = spool.read_journal(journal)
+    assert [r["args"][1] for r in records if r["op"] == "log_metrics"] == list(range(1, 201))
+    assert [a[1] for op, a in sink.calls if op == "log_metrics"] == list(range(1, 201))
+    assert [op for op, _ in sink.calls].count("finish") == 1 and spool.pending_records(run) == 0
+    assert "No space left on device" in capsys.readouterr().out and strays(small_disk) == []
+
+
 def test_a_store_on_a_full_disk_is_named_and_delivery_goes_on_when_space_returns(assets, small_disk, capsys,
                                                                                    monkeypatch):  # fmt: skip
     monkeypatch.setattr(spool, "MAX_BACKOFF", 0.2)

@@ -78,7 +78,7 @@ class Journal:
 
     def write_waiting(self) -> None:
         """Write the lines that wait, in order, as far as the disk allows."""
-        while self._waiting:
+        while self._waiting and self._fd >= 0:
             data = self._waiting[0]
             try:
                 if os.write(self._fd, data) != len(data):
@@ -96,7 +96,7 @@ class Journal:
         """Record that ``delivered`` records reached MLflow (capped at the lines on disk); a failure is retried at
         the next call."""
         position = min(delivered, self.written)
-        if position == self.delivered:
+        if position == self.delivered or self._fd < 0:
             return
         tmp = self.cursor.with_name(self.cursor.name + ".tmp")
         try:
@@ -110,7 +110,9 @@ class Journal:
         self._recovered(self.cursor)
 
     def close(self) -> None:
+        """Close the journal; later writes are no-ops (a delivery thread that outlived the spool's close)."""
         os.close(self._fd)
+        self._fd = -1
 
     def _failed(self, path: Path, error: OSError) -> None:
         if self._trouble is None:
