@@ -2,6 +2,7 @@
 by the real ``clipzss segment --model models:/...`` (the file is never written), and a logged student is weights
 and a config, loaded by building the architecture from clipzss's code."""
 
+import json
 import logging
 import os
 import subprocess
@@ -18,6 +19,7 @@ from PIL import Image
 from clipzss.cli import main as cli
 from clipzss.config import from_dict, load_config
 from clipzss.engine.checkpoint import load_model_bundle
+from clipzss.engine.segmenter import OpenVocabSegmenter
 from clipzss.engine.tracking import Tracker, current_store
 from clipzss.models.students import build_student
 
@@ -124,7 +126,7 @@ def test_an_old_pickled_student_loads_only_with_the_explicit_opt_in(store, tmp_p
     assert (tmp_path / "b" / "scene_seg.png").exists() and not (tmp_path / "a").exists()
 
 
-def test_a_clipzss_model_segments_and_evaluates_as_its_checkpoint(store, trained_run, tmp_path, capsys):
+def test_a_clipzss_model_segments_evaluates_and_exports_as_its_checkpoint(store, trained_run, tmp_path, capsys):
     args = ["segment", str(store["image"]), "--classes", "cat,sky,grass"]
     source = ["--model", store["safe"], "--tracking-uri", store["uri"]]
     assert cli([*args, *source, "--out", str(tmp_path / "m")]) == 0
@@ -137,6 +139,10 @@ def test_a_clipzss_model_segments_and_evaluates_as_its_checkpoint(store, trained
     assert cli(["eval", "--checkpoint", str(trained_run / "model.pt"), "--cpu"]) == 0
     assert "hIoU" in by_model and by_model == capsys.readouterr().out
     assert mlflow.get_tracking_uri() != store["uri"]  # the command left MLflow's current store as it was
+    assert cli(["export", *source, "--classes", "cat,sky", "--out", str(tmp_path / "onnx")]) == 0
+    spec = json.loads((tmp_path / "onnx" / "deploy.json").read_text())
+    assert spec["classes"] == ["cat", "sky"] and spec["student"] == "segformer_tiny"
+    assert spec["alpha"] == OpenVocabSegmenter.from_checkpoint(trained_run / "model.pt").alpha
 
 
 def test_the_logged_student_is_weights_and_config_without_mlflow_pickle_warnings(trained_run, tmp_path, caplog):

@@ -5,7 +5,8 @@
 2. One CLIP-ZSS training step vs the same student with plain seen-class losses, and each part's share
    (``training.py``; bf16 autocast on a GPU).
 3. Inference: the deployed student in every form that holds (eager, channels-last, bf16, torch.compile, the
-   exported ONNX graph in onnxruntime) vs the same student + a CLIP ViT-B/16 image forward (``inference.py``).
+   exported ONNX graph in onnxruntime) vs the same student + a CLIP ViT-B/16 image forward (``inference.py``),
+   and ``clipzss segment``'s peak memory on one image at its pixel cap.
 
 Every timing is the median of at least 5 repeats after warm-up, printed with its min and max; the calls a ratio
 compares are timed in the same interleaved rounds (``timing.py``). Ratios are the figures to compare across
@@ -52,10 +53,17 @@ def run_benchmarks(
     """
     import torch
 
-    from clipzss.bench.inference import bench_inference
+    from clipzss.bench.inference import bench_inference, segment_peak_memory
     from clipzss.bench.kmeans import bench_kmeans
-    from clipzss.bench.report import log_to_mlflow, print_inference, print_kmeans, print_training_step
+    from clipzss.bench.report import (
+        log_to_mlflow,
+        print_inference,
+        print_kmeans,
+        print_segment_memory,
+        print_training_step,
+    )
     from clipzss.bench.training import bench_training_step
+    from clipzss.data.images import DEFAULT_MAX_PIXELS
 
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -71,7 +79,9 @@ def run_benchmarks(
     archs = ("segformer_tiny",) if quick else students
     inference = bench_inference(archs, dev, size=size, compile=compile and not quick)
     print_inference(inference, size)
-    results = {"kmeans": kmeans, "training_step": step, "inference": inference}
+    memory = segment_peak_memory(100_000 if quick else DEFAULT_MAX_PIXELS)
+    print_segment_memory(memory)
+    results = {"kmeans": kmeans, "training_step": step, "inference": inference, "segment_memory": memory}
     if mlflow:
         params = {"run_name": f"bench {'quick ' if quick else ''}{name}", "device": name, "torch": torch.__version__,
                   "quick": str(quick), "students": ",".join(students)}  # fmt: skip

@@ -185,3 +185,65 @@ def bench_inference(
         "clip_params_M": clip_params,
         "clip_gflops": clip_gflops,
     }
+
+
+def segment_peak_memory(pixels: int, timeout: float = 1800) -> dict[str, float]:
+    """Peak resident memory of ``clipzss segment`` on one image of about ``pixels`` pixels (4:3; the pixel cap is
+    the size that matters): the synthetic preset's student (random init: memory does not depend on the weights) and
+    its teacher's 26-name vocabulary, in a fresh process so that nothing earlier raises the high-water mark.
+
+    Returns pixels, the process's peak (GB) with the segmenter loaded and warmed up (one small image segmented) and
+    after segmenting, and the bytes per pixel in between.
+    """
+    import json
+    import math
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    width = round(math.sqrt(pixels * 4 / 3))
+    height = pixels // width
+    with tempfile.TemporaryDirectory() as folder:
+        ramp = np.linspace(0, 255, width, dtype=np.float32).astype(np.uint8)  # a gradient: fast to save and read
+        Image.fromarray(np.broadcast_to(ramp[None, :, None], (height, width, 3))).save(Path(folder) / "image.png")
+        code = f"from clipzss.bench.inference import _segment_memory_here as f; f({folder!r}, {width * height})"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"segment memory benchmark failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _segment_memory_here(folder: str, pixels: int) -> None:
+    """The measurement of :func:`segment_peak_memory`, in its own process; prints the figures as JSON."""
+    import json
+    import resource
+
+    from PIL import Image
+
+    from clipzss.config import load_config
+    from clipzss.data.synthetic import CLASSES
+    from clipzss.engine.segmenter import OpenVocabSegmenter
+    from clipzss.models.students import build_student
+    from clipzss.models.teacher import CLIPTeacher
+
+    def peak_gb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+    cfg = load_config("synthetic", [f"teacher.cache_dir={folder}/text_cache"])
+    teacher = CLIPTeacher(cfg.teacher)
+    segmenter = OpenVocabSegmenter(cfg, build_student(cfg.student, teacher.embed_dim), cfg.loss.alpha, teacher)
+    segmenter.set_vocabulary(CLASSES)
+    Image.new("RGB", (64, 48)).save(Path(folder) / "warm_up.png")
+    segmenter.segment_file(Path(folder) / "warm_up.png", folder)  # imports matplotlib, fills the allocators
+    loaded = peak_gb()
+    segmenter.segment_file(Path(folder) / "image.png", folder, max_pixels=pixels)
+    peak = peak_gb()
+    figures = {
+        "pixels": pixels,
+        "loaded_gb": loaded,
+        "peak_gb": peak,
+        "bytes_per_pixel": (peak - loaded) * 2**30 / pixels,
+    }
+    print(json.dumps(figures))

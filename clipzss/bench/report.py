@@ -87,3 +87,12 @@ def log_to_mlflow(results: dict, params: dict[str, str], uri: str = "") -> str:
     tracker.log_table({"figure": list(kmeans), "value": list(kmeans.values())}, "kmeans.json")
     tracker.finish()
     return tracker.run_id
+
+
+def print_segment_memory(figures: dict[str, float]) -> None:
+    """``clipzss segment``'s peak memory on one image at the pixel cap (:func:`segment_peak_memory`)."""
+    print(
+        f"\nclipzss segment, one image of {figures['pixels'] / 1e6:.3g} MP (the --max-pixels cap): peak memory "
+        f"{figures['peak_gb']:.2f} GB, {figures['loaded_gb']:.2f} GB of it the loaded segmenter "
+        f"({figures['bytes_per_pixel']:.0f} bytes per pixel on top)"
+    )

@@ -137,7 +137,7 @@ def load_student(uri: str, trust_pickle: bool = False) -> LoadedStudent:
     if FLAVOR in flavors:
         with tempfile.TemporaryDirectory(prefix="clipzss-model-") as local:
             folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=local)
-            return read_student(Path(folder) / flavors[FLAVOR]["data"])
+            return read_student(Path(folder) / DATA)  # our own layout, not a path the MLmodel file names
     metadata = info.metadata or {}
     if "pytorch" not in flavors or "clipzss_config" not in metadata:
         raise ValueError(f"{uri} is not a clipzss student (its MLmodel has no {FLAVOR!r} flavour)")

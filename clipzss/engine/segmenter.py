@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from clipzss.config import Config, from_dict
 from clipzss.data.images import DEFAULT_MAX_PIXELS, open_image, to_rgb
 from clipzss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from clipzss.engine.checkpoint import load_model_bundle
-from clipzss.engine.inference import predict
+from clipzss.engine.inference import slide_logits
 from clipzss.engine.mlflow_flavor import load_student
 from clipzss.engine.visualize import segmentation_panel
 from clipzss.models.students import build_student
@@ -26,6 +27,7 @@ from clipzss.models.teacher import CLIPTeacher
 from clipzss.paths import resolve_path
 
 SYNTHETIC_TEACHER = "@assets/synthetic_clip.json"
+DISPLAY_SIDE = 2048  # the overlay picture is drawn from at most this many pixels a side
 
 
 def known_vocabulary(teacher_model: str) -> tuple[str, ...] | None:
@@ -36,6 +38,35 @@ def known_vocabulary(teacher_model: str) -> tuple[str, ...] | None:
     from clipzss.data.synthetic import CLASSES
 
     return CLASSES
+
+
+def upsampled_argmax(logits: torch.Tensor, size: tuple[int, int], elements: int = 2**21) -> np.ndarray:
+    """``F.interpolate(logits, size, bilinear).argmax(0)`` computed a band of rows at a time, so memory stays at about
+    ``elements`` floats however large ``size`` is (full-size logits take 4 N bytes a pixel).
+
+    Args:
+        logits: [N, h, w] at the network's resolution.
+        size: (H, W) of the labels.
+
+    Returns:
+        class ids [H, W] (uint8 when N <= 256, else int32), equal to the full-size computation: the same
+        horizontal interpolation (PyTorch's), then the same vertical weights (align_corners=False, as in PyTorch).
+    """
+    n, h, w = logits.shape
+    height, width = size
+    src = ((torch.arange(height, dtype=torch.float32) + 0.5) * (h / height) - 0.5).clamp(min=0)  # source row, [H]
+    top = src.floor().long().clamp(max=h - 1)
+    bottom = (top + 1).clamp(max=h - 1)
+    low = (src - top).to(logits.dtype)[:, None]  # weight of the bottom row, [H, 1]
+    labels = np.empty(size, dtype=np.uint8 if n <= 256 else np.int32)
+    band = max(1, elements // max(1, n * width))
+    for y0 in range(0, height, band):
+        y1 = min(y0 + band, height)
+        r0, r1 = int(top[y0]), int(bottom[y1 - 1]) + 1  # the source rows this band reads
+        rows = F.interpolate(logits[None, :, r0:r1], (r1 - r0, width), mode="bilinear", align_corners=False)[0]
+        a, b = rows[:, top[y0:y1] - r0], rows[:, bottom[y0:y1] - r0]  # [N, band, W]
+        labels[y0:y1] = ((1 - low[y0:y1]) * a + low[y0:y1] * b).argmax(0).cpu().numpy()
+    return labels
 
 
 class OpenVocabSegmenter:
@@ -153,14 +184,18 @@ class OpenVocabSegmenter:
             raise RuntimeError("call set_vocabulary(...) before segment(...)")
         tensor = self.preprocess(image).to(self.device)
         d = self.cfg.data
-        return (
-            predict(self.student, tensor, self.text, self.alpha, d.test_window, d.test_stride, image.size[::-1])
-            .cpu()
-            .numpy()
-        )
+        logits = slide_logits(self.student, tensor[None], self.text, self.alpha, d.test_window, d.test_stride)
+        return upsampled_argmax(logits[0], image.size[::-1])
 
     def overlay_with_legend(self, image: Image.Image, labels: np.ndarray) -> np.ndarray:
-        """Image | segmentation, titled, with a legend of the classes present."""
+        """Image | segmentation, titled, with a legend of the classes present; drawn from a copy of at most
+        ``DISPLAY_SIDE`` pixels a side (the panels are a few hundred pixels wide)."""
+        scale = DISPLAY_SIDE / max(image.size)
+        if scale < 1:
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            rows = ((np.arange(size[1]) + 0.5) * image.height / size[1]).astype(np.int64)  # nearest source pixels
+            cols = ((np.arange(size[0]) + 0.5) * image.width / size[0]).astype(np.int64)
+            image, labels = image.resize(size, Image.BOX), labels[np.ix_(rows, cols)]
         return segmentation_panel(np.asarray(to_rgb(image)), labels, self.vocabulary)
 
     def segment_file(self, path: str | Path, out_dir: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
