@@ -10,6 +10,8 @@ Arms (each one config delta on the ``synthetic`` preset, each over several seeds
 
 The table (mean +- std over seeds) is printed, written to ``<out>/ablation.md`` (and plotted to ``ablation.png``) and
 logged to MLflow on a new parent run per invocation whose children are the individual training runs (param ``arm``).
+The parent carries the table as metrics (``full/val/hIoU_mean``, ``full/val/hIoU_std``, ...) and states the best arm
+in its description; the best zero-shot student (any arm but ``supervised``) is registered with the alias ``ablation``.
 Runs can train several at a time in subprocesses (``jobs``), e.g. on a many-core GPU machine.
 """
 
@@ -24,7 +26,9 @@ import numpy as np
 
 from clipzss.config import Config, load_config
 from clipzss.data.synthetic import selection_root
+from clipzss.engine.registration import register_version
 from clipzss.engine.tracking import RUN_ID_FILE, Tracker
+from clipzss.sweep.registry import model_name
 from clipzss.train import prepare_data_root, train
 
 ARMS: dict[str, list[str]] = {
@@ -35,6 +39,8 @@ ARMS: dict[str, list[str]] = {
     "supervised": ["data.split=all", "data.eval_split=default", "glm.weight=0", "plm.enabled=false"],
 }
 METRICS = ("pAcc", "mIoU_S", "mIoU_U", "hIoU")
+UPPER_BOUND = "supervised"  # trained on unseen labels too: never the registered zero-shot student
+ALIAS = "ablation"  # the registered best student of the latest ablation: models:/<model>@ablation
 PARENT_DIR = "_parent"  # holds the id of the latest parent run (replaced by every invocation)
 
 
@@ -64,6 +70,34 @@ def summarise(results: dict[str, list[dict[str, float]]]) -> dict[str, list]:
             table[f"{metric}_mean"].append(float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"))
             table[f"{metric}_std"].append(float(np.nanstd(values)) if np.isfinite(values).any() else float("nan"))
     return table
+
+
+def arm_slug(arm: str) -> str:
+    """The arm as a folder or metric name (MLflow refuses ``+`` in metric names): ``+GLM`` -> ``plus_GLM``."""
+    return arm.replace("+", "plus_")
+
+
+def table_metrics(table: dict[str, list]) -> dict[str, float]:
+    """The table as parent-run metrics: ``<arm slug>/val/<metric>_mean`` and ``_std`` (``plus_PLM/val/hIoU_mean``:
+    the runs table can show, sort and chart them)."""
+    return {
+        f"{arm_slug(arm)}/val/{metric}_{stat}": float(table[f"{metric}_{stat}"][i])
+        for i, arm in enumerate(table["arm"])
+        for metric in METRICS
+        for stat in ("mean", "std")
+    }
+
+
+def best_arm_line(table: dict[str, list]) -> str:
+    """``**full: hIoU 39.8 ± 1.8** over 3 seeds (mIoU(U) 41.1 ± 1.2)``: the zero-shot arm with the best mean hIoU."""
+    arms = [i for i, arm in enumerate(table["arm"]) if arm != UPPER_BOUND and np.isfinite(table["hIoU_mean"][i])]
+    if not arms:
+        return "no zero-shot arm finished"
+    i = max(arms, key=lambda k: table["hIoU_mean"][k])
+    return (
+        f"**{table['arm'][i]}: hIoU {table['hIoU_mean'][i]:.1f} ± {table['hIoU_std'][i]:.1f}** over "
+        f"{table['seeds'][i]} seed(s) (mIoU(U) {table['mIoU_U_mean'][i]:.1f} ± {table['mIoU_U_std'][i]:.1f})"
+    )
 
 
 def format_markdown(table: dict[str, list]) -> str:
@@ -101,7 +135,7 @@ def _jobs(arms: list[str], seeds: int, root: Path, quick: bool, overrides: list[
     """One (arm, seed, output folder, overrides) per training run, in table order."""
     for arm in arms:
         for seed in range(seeds):
-            out = root / arm.replace("+", "plus_") / f"seed{seed}"
+            out = root / arm_slug(arm) / f"seed{seed}"
             run_overrides = (
                 ARMS[arm]
                 + (QUICK if quick else [])
@@ -167,6 +201,7 @@ def run_ablation(
     arms: list[str] | tuple = tuple(ARMS),
     jobs: int = 1,
     select: bool = False,
+    register_as: str = "",
 ) -> dict[str, list]:
     """Train every arm for ``seeds`` seeds on the synthetic world; returns the summary table.
 
@@ -181,6 +216,7 @@ def run_ablation(
         arms: which of :data:`ARMS` to train (all by default).
         jobs: how many arm x seed runs train at once, in subprocesses (results identical to one at a time).
         select: evaluate on the selection split (choose settings there) instead of val (report them there).
+        register_as: the registered model the best student joins (default ``clipzss-<experiment>``).
     """
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -216,12 +252,8 @@ def run_ablation(
     figure = plot_table(table, root / "ablation.png")
     print("\n" + text + ("" if select else "\n\n" + split_note(select)))
     if parent:
-        for arm, _, out, _ in planned:  # the arm as a param: MLflow groups and compares runs by it
-            if (out / RUN_ID_FILE).is_file():  # a run that failed before tracking started has none
-                parent.client.log_param((out / RUN_ID_FILE).read_text().strip(), "arm", arm)
-        parent.log_table(table, "ablation.json")
-        parent.log_artifact(root / "ablation.md")
-        parent.log_artifact(figure)
+        _log_parent(parent, table, planned, [root / "ablation.md", figure])
+        _register_best(parent, planned, finals, model_name(register_as, base.tracking.experiment))
         parent.finish("FAILED" if failed else "FINISHED")
     if failed:
         raise AblationError(
@@ -244,6 +276,40 @@ def split_note(select: bool) -> str:
             "these numbers, then report the chosen ones on val (the same command without --select)."
         )
     return "Evaluated on val (the reported split; choose settings on the selection split: --select)."
+
+
+def _log_parent(parent: Tracker, table: dict[str, list], planned: list[tuple], files: list[Path]) -> None:
+    """The arm of each child as its param (MLflow groups and compares runs by it), the table as metrics, a table
+    artifact and files, and the best arm at the top of the description."""
+    for arm, _, out, _ in planned:
+        if (out / RUN_ID_FILE).is_file():  # a run that failed before tracking started has none
+            parent.client.log_param((out / RUN_ID_FILE).read_text().strip(), "arm", arm)
+    parent.log_metrics(table_metrics(table), step=0)  # one value per metric: the runs table's columns
+    description = parent.client.get_run(parent.run_id).data.tags.get("mlflow.note.content", "")
+    parent.set_tags({"mlflow.note.content": f"{best_arm_line(table)}\n\n{description}"})
+    parent.log_table(table, "ablation.json")
+    for path in files:
+        parent.log_artifact(path)
+
+
+def _register_best(parent: Tracker, planned: list[tuple], finals: list, model: str) -> str | None:
+    """Register the student of the zero-shot run with the best ``val/hIoU`` as ``model@ablation``."""
+    runs = [
+        (final["val/hIoU"], arm, seed, out)
+        for (arm, seed, out, _), final in zip(planned, finals, strict=True)
+        if arm != UPPER_BOUND and isinstance(final, dict) and np.isfinite(final["val/hIoU"])
+    ]
+    if not runs:
+        return None
+    hiou, arm, seed, out = max(runs, key=lambda r: r[0])
+    run_id = (out / RUN_ID_FILE).read_text().strip()
+    tags = {"clipzss.ablation": parent.run_id, "clipzss.arm": arm, "val/hIoU": f"{hiou:.2f}"}
+    description = f"best student of ablation {parent.run_id}: {arm} seed {seed}, val/hIoU {hiou:.2f}"
+    uri = register_version(parent, model, run_id, ALIAS, tags, description)
+    if uri is not None:
+        parent.set_tags({"clipzss.registered_model": uri})
+        print(f"registered {arm} seed {seed} (val/hIoU {hiou:.2f}) as {uri}")
+    return uri
 
 
 def _parent_run(base: Config, root: Path, seeds: int, arms: list[str], overrides: list[str], jobs: int) -> Tracker:

@@ -114,7 +114,8 @@ def _ablate(args: argparse.Namespace) -> int:
 
     arms = args.arms.split(",") if args.arms else list(ARMS)
     try:
-        run_ablation(args.seeds, args.out, args.quick, args.set or [], arms, args.jobs, args.select)
+        run_ablation(args.seeds, args.out, args.quick, args.set or [], arms, args.jobs, args.select,
+                     register_as=args.register_as)  # fmt: skip
     except AblationError as e:  # each failed run's traceback was printed as it failed
         print(f"clipzss ablate: {e}", file=sys.stderr)
         return 1
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", help="comma-separated subset of: baseline,+GLM,+PLM,full,supervised (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="train this many arm x seed runs at once (subprocesses)")
     p.add_argument("--select", action="store_true", help="evaluate on the selection split (choose; report on val)")
+    p.add_argument("--register-as", default="", help="registered model of the best student (default: clipzss-EXP)")
     p.set_defaults(func=_ablate)
 
     p = command("bench", help="print speed figures measured on this machine (and log them to MLflow)")

@@ -185,6 +185,9 @@ class TrackingConfig:
     parent_run_id: str = ""  # nest this run under another MLflow run (the ablation table's run, a sweep's run)
     system_metrics: bool = False  # MLflow's CPU/memory/GPU sampler (system/... metrics every 10 s)
     description: str = ""  # the run's description in the MLflow UI ("" = one written from the config)
+    # register the finished run's student in MLflow's model registry: "NAME" or "NAME@ALIAS" (the alias defaults to
+    # the run folder's name); "" = not registered. ``clipzss train --register-as NAME`` sets it.
+    register_as: str = ""
 
 
 @dataclass

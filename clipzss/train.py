@@ -44,7 +44,9 @@ from clipzss.engine.run_lock import run_dir_lock
 from clipzss.engine.spool import JOURNAL, Spool, pending_records, read_journal, set_aside
 from clipzss.engine.stop import RunTerminated, StopRequest
 from clipzss.engine.tracking import (
+    HEADLINE,
     RUN_ID_FILE,
+    VIEW_KEY,
     NullTracker,
     Tracker,
     eval_metrics,
@@ -151,10 +153,11 @@ def _check_finite(nonfinite: Tensor, step: int, losses: dict[str, Tensor], outpu
     )
 
 
-def _save_picture(picture: np.ndarray, path: Path, tracker) -> None:
+def _save_picture(picture: np.ndarray, path: Path, tracker, key: str, step: int) -> None:
+    """Write ``path`` (the run folder keeps every picture) and log it to MLflow as image ``key`` at ``step``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture).save(path)
-    tracker.log_artifact(path, "images")
+    tracker.log_image(key, picture, step)
 
 
 @dataclass
@@ -487,6 +490,7 @@ def _evaluate(run: RunState, batch: tuple | None) -> dict[str, float]:
     run.last_eval = metrics
     final = {f"val/{k}": float(v) for k, v in metrics.items() if k in ("pAcc", "mIoU", "mIoU_S", "mIoU_U", "hIoU")}
     run.tracker.log_metrics(eval_metrics(metrics, run.val_set.class_names), step)
+    run.tracker.set_tags({"mlflow.note.content": run_description(cfg, metrics, step)})  # the result, first
     final["step"] = step
     plm, val_set = unwrapped.objective.plm, run.val_set
     if accelerator.is_main_process and plm is not None and val_set.split.seen == tuple(run.train_set.class_names):
@@ -498,13 +502,14 @@ def _evaluate(run: RunState, batch: tuple | None) -> dict[str, float]:
         images_dir, class_names = run.output_dir / "images", run.val_set.class_names
         for i, (image, target, pred) in enumerate(samples):
             panel = prediction_panel(image, target, pred, class_names, run.val_set.unseen_ids)
-            _save_picture(panel, images_dir / f"val_{i}_step{step}.png", run.tracker)
+            _save_picture(panel, images_dir / f"val_{i}_step{step}.png", run.tracker, f"val/prediction_{i}", step)
         if unwrapped.objective.plm is not None and batch is not None:
             images, labels, teacher_out = batch
             for i in range(min(2, len(images))):
                 image, label = images[i].float().cpu().numpy(), labels[i].cpu().numpy()
                 panel = plm_panel(image, label, teacher_out.dense[i], cfg.plm.kmeans, run.train_set.class_names)
-                _save_picture(panel, images_dir / f"pseudo_{i}_step{step}.png", run.tracker)
+                path = images_dir / f"pseudo_{i}_step{step}.png"
+                _save_picture(panel, path, run.tracker, f"train/pseudo_labels_{i}", step)
     return final
 
 
@@ -518,7 +523,8 @@ def _stop_requested(run: RunState) -> bool:
 
 
 def _finish(run: RunState) -> None:
-    """Export model.pt, the confusion picture and the results table; end the MLflow run as FINISHED."""
+    """Export model.pt (the logged student, with its val metrics; registered with ``tracking.register_as``), the
+    confusion picture and the results table; end the MLflow run as FINISHED."""
     unwrapped: TrainModule = run.accelerator.unwrap_model(run.model)
     output_dir, tracker, val_set = run.output_dir, run.tracker, run.val_set
     bundle = export_model(
@@ -529,16 +535,32 @@ def _finish(run: RunState) -> None:
     )
     tracker.log_artifact(bundle)
     tracker.log_student(bundle)
+    headline = {f"val/{m}": float(run.last_eval[m]) for m in ("mIoU", *HEADLINE)}
+    tracker.log_model_metrics(headline, run.step)
+    if run.cfg.tracking.register_as:
+        _register(run, headline["val/hIoU"])
     tracker.log_artifact(output_dir / "config.yaml")
     confusion = confusion_picture(run.last_eval["matrix"].numpy(), val_set.class_names, val_set.unseen_ids)
-    _save_picture(confusion, output_dir / "images" / f"confusion_step{run.step}.png", tracker)
+    path = output_dir / "images" / f"confusion_step{run.step}.png"
+    _save_picture(confusion, path, tracker, "val/confusion", run.step)
     table = format_table(run.last_eval, val_set.class_names, val_set.unseen_ids)
     (output_dir / "results.txt").write_text(table + "\n")
     tracker.log_artifact(output_dir / "results.txt")
     tracker.finish()
     print(table)
     if run.cfg.tracking.enabled:
-        print(f"\nBrowse this run: {browse_hint(tracker.uri, tracker.run_id)}")
+        experiment = getattr(tracker, "sink", tracker).experiment_id  # the Tracker behind the spool
+        print(f"\nBrowse this run:\n{browse_hint(tracker.uri, tracker.run_id, experiment)}")
+
+
+def _register(run: RunState, hiou: float) -> None:
+    """Register the run's student as ``tracking.register_as`` (``NAME`` or ``NAME@ALIAS``; the alias defaults to the
+    run folder's name)."""
+    model, _, alias = run.cfg.tracking.register_as.partition("@")
+    name = run_name(run.cfg)
+    tags = {"clipzss.run": name, "clipzss.output_dir": str(run.output_dir), "val/hIoU": f"{hiou:.2f}"}
+    description = f"{name}: val/hIoU {hiou:.2f} at step {run.step}"
+    run.tracker.register_student(model, alias or run.output_dir.name, tags, description)
 
 
 def deliver_spooled(run_dir: str | Path, wait: float) -> int:
@@ -555,11 +577,25 @@ def deliver_spooled(run_dir: str | Path, wait: float) -> int:
     return left
 
 
-def browse_hint(uri: str, run_id: str) -> str:
-    """How to open the run in the MLflow UI: the server itself, or ``mlflow ui`` over a local store."""
+def browse_hint(uri: str, run_id: str, experiment_id: str) -> str:
+    """How to open the run in the MLflow UI, in its model-training view (MLflow 3 opens experiments in its GenAI
+    view otherwise): over a local store, ``mlflow ui`` with the store's artifact folder and one worker (the default
+    four take ~2 GB), then the runs table (its shared view shows the headline metrics) and the run."""
+    mode = "workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
-        return f"open {uri.rstrip('/')} (run {run_id})"
-    return f"mlflow ui --backend-store-uri {uri} --port 5000   (then open http://127.0.0.1:5000, run {run_id})"
+        base, command = uri.rstrip("/"), ""
+    else:
+        database = Path(uri.removeprefix("sqlite:///"))
+        base = "http://127.0.0.1:5000"
+        command = (
+            f"  mlflow ui --backend-store-uri {uri} --default-artifact-root {database.parent / 'mlruns'} "
+            "--workers 1 --port 5000\n"
+        )
+    experiment = f"{base}/#/experiments/{experiment_id}"
+    return (
+        f"{command}  runs:     {experiment}/runs?viewStateShareKey={VIEW_KEY}&{mode}\n"
+        f"  this run: {experiment}/runs/{run_id}?{mode}"
+    )
 
 
 def _progress(cfg: Config, start: int, main: bool):
@@ -584,9 +620,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
     )
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.output_dir")
     parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)  # read by run_reporting_errors
+    parser.add_argument(
+        "--register-as",
+        metavar="NAME[@ALIAS]",
+        help="register the trained student in MLflow's model registry (tracking.register_as)",
+    )
     args = parser.parse_args(argv)
     config = [i for i in args.items if "=" not in i]
     overrides = [i for i in args.items if "=" in i]
+    if args.register_as:
+        overrides.append(f"tracking.register_as={args.register_as}")
     if len(config) > 1:
         parser.error(f"at most one CONFIG may be given, got {config}")
     return load_config(config[0] if config else "synthetic", overrides), args.resume

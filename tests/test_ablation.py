@@ -4,10 +4,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from clipzss.ablation import ARMS, METRICS, format_markdown, run_ablation, summarise
+from clipzss.ablation import ARMS, METRICS, arm_slug, format_markdown, run_ablation, summarise
 from clipzss.cli import main as cli
 
 
@@ -62,6 +63,18 @@ def test_quick_ablation_in_parallel_logs_comparable_arms_and_a_new_parent_each_t
     assert params["seeds"] == "1" and params["steps"] == "4" and params["jobs"] == "2"
     assert params["arms"] == "[baseline, +GLM, +PLM, full, supervised]" and "data.batch_size=4" in params["overrides"]
     assert parents[1].data.params["arms"] == "[baseline, full]"
+    means = parents[0].data.metrics  # the table as metrics: the runs table can sort arms by them
+    assert means["full/val/hIoU_mean"] == pytest.approx(table["hIoU_mean"][3], abs=1e-3)
+    assert {f"{arm_slug(arm)}/val/{m}_std" for arm in ARMS for m in METRICS} <= means.keys()
+    assert "plus_GLM/val/hIoU_mean" in means
+    best = max((v, a) for a, v in zip(table["arm"], table["hIoU_mean"], strict=True) if a != "supervised")
+    assert parents[0].data.tags["mlflow.note.content"].startswith(f"**{best[1]}: hIoU {best[0]:.1f}")
+    version = client.get_model_version_by_alias("clipzss-clipzss", "ablation")  # the latest ablation's best student
+    assert version.tags["clipzss.ablation"] == parents[1].info.run_id and version.tags["clipzss.arm"] in (
+        "baseline",
+        "full",
+    )
+    assert parents[1].data.tags["clipzss.registered_model"] == "models:/clipzss-clipzss@ablation"
     children = client.search_runs(
         [parents[0].info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"
     )

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from clipzss.train import browse_hint
+
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                   "--no-first-run", "--disable-sync"]  # fmt: skip
 
@@ -100,31 +102,42 @@ def _show(page, url: str, text: str, shot: Path) -> None:
         page.screenshot(path=str(shot), full_page=True)
 
 
-def test_the_experiment_opens_on_its_training_runs(ui, page):
+def _printed_links(base: str, root: Path, run) -> tuple[str, str]:
+    """The runs-table and run links that a finished ``clipzss train`` prints (browse_hint), on this server."""
+    hint = browse_hint(f"sqlite:///{root / 'mlflow.db'}", run.info.run_id, run.info.experiment_id)
+    runs, this_run = (
+        line.split(": ", 1)[1].strip() for line in hint.splitlines() if line.strip().startswith(("runs:", "this run:"))
+    )
+    return runs.replace("http://127.0.0.1:5000", base), this_run.replace("http://127.0.0.1:5000", base)
+
+
+def test_the_printed_link_opens_the_runs_table_with_hiou_as_a_column(ui, page):
     base, root, shots = ui
-    experiment, training, _ = _runs(root)
-    # MLflow 3.17.2's UI picks GenAI or model-training from its own toggle (remembered by the browser, default GenAI),
-    # not from the experiment's mlflow.experimentKind tag: links carry the toggle's URL parameter.
-    url = f"{base}/#/experiments/{experiment}?workflowType=machine_learning"
-    _show(page, url, training.info.run_name, shots / "experiment.png")
+    _, training, _ = _runs(root)
+    runs, _ = _printed_links(base, root, training)
+    _show(page, runs, training.info.run_name, shots / "experiment.png")
     assert page.get_by_text("ablation: 2 arms x 1 seed").first.is_visible()  # the ablation's parent run too
+    header = page.get_by_role("columnheader").filter(has_text="val/hIoU").first
+    header.wait_for(state="visible", timeout=60_000)  # a column of the table as it opens: no click needed
 
 
-def test_a_runs_metrics_and_pictures_are_visible(ui, page):
+def test_a_run_page_opens_with_its_result_and_its_pictures(ui, page):
     base, root, shots = ui
     experiment, training, _ = _runs(root)
-    run = f"{base}/#/experiments/{experiment}/runs/{training.info.run_id}"
-    page.goto(f"{run}/model-metrics?workflowType=machine_learning")
-    page.get_by_placeholder("Search metric charts").fill("hIoU")  # the val section is below the train charts
-    try:  # the chart of val/hIoU, titled hIoU in the section val, drawn (its x axis says Step)
-        page.get_by_text("hIoU", exact=True).first.wait_for(state="visible", timeout=60_000)
-        page.get_by_text("Step", exact=True).first.wait_for(state="visible", timeout=60_000)
+    _, run = _printed_links(base, root, training)
+    result = f"hIoU {training.data.metrics['val/hIoU']:.2f}"  # the description's first line, in bold
+    _show(page, run, result, shots / "run_overview.png")
+    assert page.get_by_text(result).first.is_visible()
+    metrics = run.replace("?", "/model-metrics?")
+    page.goto(metrics)
+    try:  # an image card per picture key (MLflow's image grid), each with a step slider
+        page.get_by_placeholder("Search metric charts").fill("prediction_0")
+        page.locator("h4[title='val/prediction_0']").first.wait_for(state="visible", timeout=60_000)
+        page.get_by_role("slider").first.wait_for(state="visible", timeout=60_000)
     finally:
-        page.screenshot(path=str(shots / "run_metrics.png"), full_page=True)
-    url = f"{run}/artifacts/images/val_0_step4.png?workflowType=machine_learning"
-    _show(page, url, "val_0_step4.png", shots / "run_picture.png")
-    widths = "() => [...document.images].filter(i => i.complete).map(i => i.naturalWidth)"
-    page.wait_for_function(f"() => ({widths})().some(w => w >= 800)", timeout=60_000)  # the panel, full size
+        page.screenshot(path=str(shots / "run_pictures.png"), full_page=True)
+    page.get_by_placeholder("Search metric charts").fill("hIoU")
+    page.get_by_text("hIoU", exact=True).first.wait_for(state="visible", timeout=60_000)  # the val/hIoU chart
 
 
 def test_the_ablation_table_is_visible(ui, page):

@@ -65,13 +65,6 @@ def test_every_evaluation_logs_summary_and_per_class_iou_without_a_step_metric(t
     assert any(k.startswith("system/") for k in metrics)  # tracking.system_metrics=true
 
 
-def test_pictures_are_plain_named_artifacts(tracked):
-    client, run, _ = tracked
-    images = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
-    assert {"images/val_0_step2.png", "images/val_0_step4.png", "images/confusion_step4.png"} <= images
-    assert not any("+" in name or name.endswith(".webp") for name in images)
-
-
 def test_the_student_is_an_mlflow_model_that_segment_loads(tracked, tmp_path, capsys, monkeypatch):
     client, run, out = tracked
     uri = f"runs:/{run.info.run_id}/student"

@@ -11,6 +11,7 @@ The default store is a local SQLite file (MLflow 3 has retired the plain file st
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from contextlib import contextmanager, nullcontext
@@ -25,11 +26,28 @@ from clipzss.engine.run_lock import waiting_lock
 from clipzss.paths import resolve_path
 
 RUN_ID_FILE = "mlflow_run_id"
+HEADLINE = ("hIoU", "mIoU_U", "mIoU_S", "pAcc")  # the result, in the order a reader looks for it
+VIEW_KEY = "clipzss"  # the experiment's shared view (``?viewStateShareKey=clipzss``): see runs_table_view
+
+
+def runs_table_view() -> dict[str, Any]:
+    """The runs table as it should open: the headline ``val/...`` metrics and an ablation's ``full/val/hIoU_mean``
+    as columns, best hIoU first. MLflow's UI keeps its columns per browser; the one server-side default is a shared
+    view, an experiment tag ``mlflow.sharedViewState.<key>`` that a ``?viewStateShareKey=<key>`` link opens."""
+    metrics = [f"val/{m}" for m in HEADLINE] + ["full/val/hIoU_mean"]
+    return {
+        "selectedColumns": ["attributes.`Models`", *(f"metrics.`{m}`" for m in metrics), "params.`arm`"],
+        "orderByKey": "metrics.`val/hIoU`",
+        "orderByAsc": False,
+    }
+
+
 # MLflow's documented kind of an experiment. MLflow 3.17.2's own UI still opens every experiment in its GenAI view
 # unless its "Model training" toggle (or ?workflowType=machine_learning in the URL) says otherwise.
 EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",
     "mlflow.note.content": "CLIP-ZSS runs: students distilled from a frozen CLIP teacher (clipzss).",
+    f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(runs_table_view()),
 }
 
 
@@ -90,13 +108,22 @@ def run_name(cfg: Config) -> str:
     return " ".join([*parts, f"seed={cfg.run.seed}"])
 
 
-def run_description(cfg: Config) -> str:
-    """``tracking.description``, else a Markdown summary of what the run trains, on what, and where it writes."""
+def result_line(metrics: dict, step: int) -> str:
+    """The headline of an evaluation (``evaluate()`` metrics, percentages) as one Markdown line."""
+    names = {"hIoU": "hIoU", "mIoU_U": "mIoU(U)", "mIoU_S": "mIoU(S)", "pAcc": "pAcc"}
+    cells = [f"{names[m]} {float(metrics[m]):.2f}" for m in HEADLINE]
+    return f"**{cells[0]}** · " + " · ".join(cells[1:]) + f" (val, step {step})"
+
+
+def run_description(cfg: Config, metrics: dict | None = None, step: int = 0) -> str:
+    """``tracking.description``, else a Markdown summary of what the run trains, on what, and where it writes;
+    with ``metrics`` (an evaluation at ``step``), its :func:`result_line` first."""
+    result = f"{result_line(metrics, step)}\n\n" if metrics is not None else ""
     if cfg.tracking.description:
-        return cfg.tracking.description
+        return result + cfg.tracking.description
     glm = f"GLM weight {cfg.glm.weight}" if cfg.glm.weight else "GLM off"
     plm = f"PLM with K-Means scales {param_value(cfg.plm.kmeans.scales)}" if cfg.plm.enabled else "PLM off"
-    return (
+    return result + (
         f"CLIP-ZSS: student `{cfg.student.arch}` distilled from the frozen CLIP teacher `{cfg.teacher.model}` on "
         f"`{cfg.data.dataset}` (zero-shot split `{cfg.data.split}`) for {cfg.optim.max_iters} steps; {glm}, {plm}. "
         f"Outputs in `{cfg.run.output_dir}`; the student is the logged model `student`."
@@ -231,7 +258,7 @@ class Tracker:
             run_id = self.client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
             self.output_dir.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id)
-        self.run_id = run_id
+        self.run_id, self.experiment_id = run_id, experiment_id
         self._mlflow = mlflow
         self._monitor = self._system_metrics() if cfg.system_metrics else None
 
@@ -286,6 +313,31 @@ class Tracker:
         rows = [Metric(k, rounded(v), stamp, step) for k, v in metrics.items() if np.isfinite(v)]
         if rows:
             self.client.log_batch(self.run_id, metrics=rows)
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        """An RGB picture under ``key`` at ``step``: MLflow's image grid shows the latest, with a slider over steps."""
+        self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+
+    def log_model_metrics(self, metrics: dict[str, float], step: int, name: str = "student") -> None:
+        """Metrics of the run's logged model ``name`` (MLflow 3 ranks and compares logged models by them)."""
+        from mlflow.entities import Metric
+
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        query = f"name = '{name}' AND source_run_id = '{self.run_id}'"
+        (model,) = self.client.search_logged_models([experiment], filter_string=query, max_results=1)
+        stamp = int(time.time() * 1000)
+        rows = [Metric(k, rounded(v), stamp, step, model_id=model.model_id) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=[r for r in rows if np.isfinite(r.value)])
+
+    def register_student(self, model: str, alias: str, tags: dict[str, str], description: str) -> str | None:
+        """Register this run's logged student as a version of ``model`` aliased ``alias``; returns its URI."""
+        from clipzss.engine.registration import register_version
+
+        uri = register_version(self, model, self.run_id, alias, tags, description)
+        if uri is not None:
+            self.set_tags({"clipzss.registered_model": uri})
+            print(f"registered the student as {uri}")
+        return uri
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
