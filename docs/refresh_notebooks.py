@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.notebooks:
         notebook = execute(path, REPO)
         notebook.metadata.pop("widgets", None)  # progress-bar state: noise in a diff
-        for cell in notebook.cells:  # warnings name this machine's paths and matter only to whoever runs it
+        for cell in notebook.cells:  # stderr holds progress bars and warnings naming this machine's paths
             if cell.cell_type == "code":
-                cell.outputs = [o for o in cell.outputs if not (o.get("name") == "stderr" and "Warning" in o.text)]
+                cell.outputs = [o for o in cell.outputs if o.get("name") != "stderr"]
         nbformat.write(notebook, path)
         print(f"executed {path}")
     return 0
