@@ -140,3 +140,15 @@ def test_train_py_itself_reports_one_line(tmp_path):
     debug = subprocess.run([sys.executable, str(script), "optim.lr=nan", "--debug"], capture_output=True, text=True,
                            env=env, timeout=300)  # fmt: skip
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+
+
+def test_resume_into_a_store_without_the_run_names_the_store_and_the_way_on(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    overrides = tiny_overrides(assets, out, **{"optim.max_iters": 2})
+    assert cli(["train", *overrides]) == 0
+    (tmp_path / "other").mkdir()
+    other = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
+    capsys.readouterr()
+    assert cli(["train", *overrides, "optim.max_iters=4", f"tracking.uri={other}", "--resume"]) == 1
+    line = _error_line(capsys.readouterr().err)
+    assert other in line and "tracking.uri" in line and str(out / "mlflow_run_id") in line, line
