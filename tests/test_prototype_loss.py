@@ -1,4 +1,4 @@
-"""The synthesizer's text loss: the amended kinds bring seen prototypes onto their own text; the old one does not."""
+"""The synthesizer's text loss: cosine, softmax and sigmoid bring seen prototypes onto their text; bce does not."""
 
 import pytest
 import torch
