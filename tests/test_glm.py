@@ -19,7 +19,7 @@ def test_attention_pool_matches_loop():
 
 
 def infonce_reference(S_hat, S, bank, tau):
-    """The METHOD.md formula, one image at a time."""
+    """The InfoNCE of docs/pages/method.md (GLM), one image at a time."""
     terms = []
     for i in range(S_hat.shape[0]):
         s_hat = F.normalize(S_hat[i], dim=0)
@@ -81,7 +81,9 @@ def test_bank_larger_batch_keeps_latest_and_backward_works():
     loss(S_hat, S, S, 0)
     out = loss(S_hat, S, S, 0)
     out.backward()  # the bank was updated in place after being used: autograd must not see that
-    assert torch.isfinite(S_hat.grad).all()
+    expected = infonce_reference(S_hat, S, S[-2:], tau=0.1)  # the bank held the first call's latest 2 rows
+    (grad,) = torch.autograd.grad(expected, S_hat)
+    torch.testing.assert_close(S_hat.grad, grad)
     torch.testing.assert_close(loss.bank, S[-2:])  # only the latest bank_size rows are kept
 
 
@@ -168,8 +170,12 @@ def test_glm_projection_starts_as_the_identity_and_matches_a_plain_reference():
     S_hat = torch.einsum("bl,bcl->bc", weights, tokens) @ proj.weight.T + proj.bias
     expected = infonce_reference(S_hat, teacher.cls, [], tau=0.07)
     torch.testing.assert_close(loss, expected)
-    loss.backward()
-    assert projected.glm_proj.weight.grad.abs().sum() > 0 and R.grad.abs().sum() > 0
+    proj.weight.requires_grad_(True)
+    got = torch.autograd.grad(loss, [R, projected.glm_proj.weight])
+    want = torch.autograd.grad(expected, [R, proj.weight])
+    for g, e in zip(got, want, strict=True):
+        assert e.abs().sum() > 0
+        torch.testing.assert_close(g, e)
 
 
 def test_glm_projection_is_built_only_with_the_glm():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from clipzss.config import load_config
 from clipzss.data.transforms import PAD_INDEX
 from clipzss.method.objective import CLIPZSSObjective, seen_logits
-from clipzss.method.plm import region_centroids
+from clipzss.method.plm import region_weights
 from clipzss.models.teacher import TeacherOutput
 
 C, NS = 32, 4
@@ -54,13 +54,37 @@ def test_all_terms_finite_nonzero_and_summed():
     assert not any(v.requires_grad for v in report.values())
 
 
-def test_gradient_reaches_features_and_synthesizer():
-    objective, R, *_, losses, _ = run(make_cfg())
-    losses["total"].backward()
-    assert R.grad.abs().sum() > 0
-    synth = list(objective.plm.synthesizer.parameters())
-    assert synth and all(p.grad is not None and torch.isfinite(p.grad).all() for p in synth)
-    assert sum(p.grad.abs().sum() for p in synth) > 0
+def directional_derivative(objective, R, teacher, labels, params, term: str = "total") -> tuple[float, float]:
+    """(<dL/dx, v>, its central difference (L(x + eps v) - L(x - eps v)) / 2 eps) in float64, for a random direction
+    v over R and ``params``; eval mode, so the GLM bank stays as it is between the evaluations. The pixel losses are
+    computed in float32 whatever R's dtype, hence a step of 1e-3 and agreement to 1e-3."""
+    objective.double().eval()
+    R = R.detach().double().requires_grad_(True)
+    teacher = TeacherOutput(cls=teacher.cls.double(), dense=teacher.dense.double())
+    inputs = [R, *params]
+    grads = torch.autograd.grad(objective(R, teacher, labels)[0][term], inputs, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+    directions = [torch.randn_like(x) for x in inputs]
+    analytic = sum(float((g * v).sum()) for g, v in zip(grads, directions, strict=True))
+    eps, values = 1e-3, []
+    with torch.no_grad():
+        for sign in (1, -1):
+            for x, v in zip(inputs, directions, strict=True):
+                x.add_(sign * eps * v)
+            values.append(float(objective(R, teacher, labels)[0][term]))
+            for x, v in zip(inputs, directions, strict=True):
+                x.sub_(sign * eps * v)
+    return analytic, (values[0] - values[1]) / (2 * eps)
+
+
+def test_gradients_match_finite_differences():
+    objective, R, teacher, labels, *_ = run(make_cfg())
+    synth = [p for p in objective.plm.synthesizer.parameters() if p.requires_grad]
+    analytic, numeric = directional_derivative(objective, R, teacher, labels, [])
+    assert analytic != 0 and analytic == pytest.approx(numeric, rel=1e-3)  # with respect to the features R
+    # the synthesizer's prototypes enter the pixel logits detached: its parameters learn from the text loss only
+    analytic, numeric = directional_derivative(objective, R.detach(), teacher, labels, synth, term="bce")
+    assert analytic != 0 and analytic == pytest.approx(numeric, rel=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -94,9 +118,11 @@ def test_baseline_trains_without_teacher():
 
 def test_learnable_scales_get_gradients():
     objective, *_, losses, report = run(make_cfg("loss.learnable_scale=true", "loss.alpha=10.0"))
-    losses["total"].backward()
-    assert objective.log_alpha.grad is not None and objective.log_beta.grad is not None
     torch.testing.assert_close(report["scale/alpha"], torch.tensor(10.0))
+    _, R, teacher, labels = objective, *batch()
+    for scale in (objective.log_alpha, objective.log_beta):
+        analytic, numeric = directional_derivative(objective, R, teacher, labels, [scale])
+        assert analytic != 0 and analytic == pytest.approx(numeric, rel=1e-3)
 
 
 def test_deterministic():
@@ -165,17 +191,23 @@ def test_seen_and_potential_parts_are_normalised_apart():
     torch.testing.assert_close(objective._pixel_losses(x, target, valid)["nel"], expected_nel)
 
 
-def test_pseudo_weights_are_teacher_centroids_or_old_student_centroids():
+def test_pseudo_weights_are_teacher_token_means_over_each_region_or_student_centroids():
     cfg = make_cfg("plm.synthesizer.enabled=false")
     objective, R, teacher, labels, *_ = run(cfg)
     out = objective.plm(R, teacher, labels, objective.seen_text, torch.tensor(1.0), torch.tensor(1.0))
-    num = NS + out.pseudo.shape[1]
-    expected = region_centroids(teacher.dense, out.labels, num)[0][:, NS:]
+    up = F.interpolate(teacher.dense, size=out.labels.shape[-2:], mode="nearest")  # [B, C, H, W] token per pixel
+    expected = torch.zeros_like(out.pseudo)  # [B, Kp, C]; absent regions stay zero
+    for b in range(out.pseudo.shape[0]):
+        for k in range(out.pseudo.shape[1]):
+            pixels = out.labels[b] == NS + k
+            if pixels.any():
+                expected[b, k] = F.normalize(up[b][:, pixels].mean(dim=1), dim=0)
+    assert expected.abs().sum() > 0  # some potential regions exist
     torch.testing.assert_close(out.pseudo, expected)
     assert not out.pseudo.requires_grad
-    old = CLIPZSSObjective(make_cfg("plm.synthesizer.query=student"), objective.seen_text)
-    out = old.plm(R, teacher, labels, objective.seen_text, torch.tensor(1.0), torch.tensor(1.0))
-    assert out.pseudo.requires_grad  # the old queries: student centroids, CE reaches them
+    student = CLIPZSSObjective(make_cfg("plm.synthesizer.query=student"), objective.seen_text)
+    out = student.plm(R, teacher, labels, objective.seen_text, torch.tensor(1.0), torch.tensor(1.0))
+    assert out.pseudo.requires_grad  # queries from the student's centroids: CE reaches them
 
 
 def test_synthesizer_is_trained_by_its_text_loss_only():
@@ -210,3 +242,17 @@ def test_a_learnable_nel_bias_lets_features_align_with_their_text():
     aligned, objective = fitted("plm.nel_learnable_bias=true")
     assert without < 0.3 and aligned > 0.6, (without, aligned)
     assert objective.nel_bias.item() < -4.6  # it moved down from the focal prior logit -4.595
+
+
+@pytest.mark.parametrize(("H", "W", "h", "w"), [(32, 32, 8, 8), (13, 10, 4, 3), (7, 9, 7, 9), (5, 6, 8, 8)])
+def test_region_weights_count_the_pixels_nearest_upsampling_gives_each_cell(H, W, h, w):
+    labels = torch.randint(0, 4, (2, H, W))
+    labels[0, : H // 2] = 255  # ignored
+    counts = region_weights(labels, 3, h, w)  # id 3 is outside the 3 regions: ignored too
+    cells = torch.arange(h * w, dtype=torch.float).view(1, 1, h, w)
+    cell = F.interpolate(cells, size=(H, W), mode="nearest")[0, 0].long()  # [H, W] the cell each pixel reads
+    expected = torch.zeros(2, 3, h * w)
+    for b in range(2):
+        for n in range(3):
+            expected[b, n] = torch.bincount(cell[labels[b] == n], minlength=h * w).float()
+    torch.testing.assert_close(counts, expected, rtol=0, atol=0)

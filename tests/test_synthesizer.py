@@ -42,9 +42,15 @@ def test_image_without_queries_stays_finite_and_gradients_flow():
     queries.requires_grad_(True)
     out = synth(queries, valid, cls)
     assert torch.isfinite(out).all()
-    out[1].sum().backward()
-    assert all(p.grad is not None for p in synth.parameters() if p.requires_grad)
-    assert queries.grad.abs().sum() > 0
+    params = [p for p in synth.parameters() if p.requires_grad]
+    batched = torch.autograd.grad(out[1].sum(), [queries, *params])
+    alone = queries[1:].detach().requires_grad_(True)  # the reference: image 1 on its own
+    single = torch.autograd.grad(synth(alone, valid[1:], cls[1:]).sum(), [alone, *params])
+    assert not batched[0][0].any()  # nothing of image 0 reaches image 1's output
+    torch.testing.assert_close(batched[0][1:], single[0])
+    for got, want in zip(batched[1:], single[1:], strict=True):
+        torch.testing.assert_close(got, want)
+    assert sum(float(g.abs().sum()) for g in single[1:]) > 0
 
 
 def test_heads_must_divide_dim():
