@@ -7,7 +7,8 @@ key or a value of the wrong type raises :class:`ConfigError` naming the dotted k
 The dotted names (``plm.kmeans.scales``) are the single naming shared by the command line, the Optuna
 search spaces in ``sweeps/`` and the MLflow params of every run.
 
-Fields marked [choice] are defaults that METHOD.md chose where the paper is silent.
+Fields marked [choice] are defaults the project chose where the paper is silent (docs/pages/method.md; the
+measurements behind them are in its "Measured choices" table).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class StudentConfig:
     pretrained: str = ""  # backbone weights through the library's own mechanism: "" = random init
     decoder_channels: int = 256  # width of the decode head
     # "model": the input normalisation the backbone was pretrained with (timm's pretrained_cfg: EfficientNet-Lite
-    # mean = std = 0.5); "imagenet": ImageNet's for every student (the old behaviour)
+    # mean = std = 0.5); "imagenet": ImageNet's for every student
     input_norm: Literal["model", "imagenet"] = "model"
 
 
@@ -86,14 +87,13 @@ class GLMConfig:
 
     weight: float = 1.0  # w_g; 0 disables (the module is not built)
     tau: float = 0.07  # [choice] InfoNCE temperature
-    # Pooling softmax(S.R / attn_tau); 0 = METHOD.md's S.R / sqrt(C), near uniform on unit vectors (S_hat ~ mean R).
-    # 0.07 localises (the amendment) but measured worse on world v2 (300 steps, 1 seed, README): +GLM 16.2 vs 24.0
-    # hIoU, full 24.0 vs 27.7 (world v1 +GLM: 21.6 vs 20.6). Default by that evidence: 0.
+    # [choice] pooling softmax(S.R / attn_tau); 0 = the paper's S.R / sqrt(C), near uniform on unit vectors (S_hat ~
+    # mean R). A small attn_tau (0.07) localises the pooling but scored lower hIoU on the synthetic world.
     attn_tau: float = 0.0
     bank_size: int = 1024  # [choice] FIFO bank of past teacher CLS embeddings used as extra negatives
     # [choice] "linear": InfoNCE on W S_hat + b, a C x C map of the GLM's own started at the identity, so the GLM does
-    # not pull the dense features' mean into the CLS embedding's region of CLIP space (docs/pages/method.md);
-    # "none": S_hat itself (METHOD.md).
+    # not pull the dense features' mean into the CLS embedding's region of CLIP space; "none": S_hat itself (the
+    # paper). "none" is the default: "linear" did not lift full above +PLM on val.
     projection: Literal["none", "linear"] = "none"
 
 
@@ -105,9 +105,8 @@ class KMeansConfig:
     iters: int = 10  # [choice] Lloyd iterations per scale
     fuse_threshold: float = 0.85  # [choice] lambda: centroids of different scales above this are fused
     # "merge": centroids of different scales linked above lambda merge (transitively) into one cluster; tokens go to
-    # the merged centroids and the unmerged finest-scale ones (amended spec: lambda changes the cluster count).
-    # "pairs": the old greedy one-to-one pairs, tokens re-assigned over every centroid of every scale (a no-op).
-    # Synthetic, 300 steps, 1 seed (README): merge 33.5 hIoU with 3.2 potential classes per image, pairs 32.1 / 13.1.
+    # the merged centroids and the unmerged finest-scale ones, so lambda changes the cluster count. "pairs": greedy
+    # one-to-one pairs with tokens re-assigned over every centroid of every scale, which leaves the clusters unchanged.
     fusion: Literal["merge", "pairs"] = "merge"
     drop_seen_ratio: float = 0.5  # [choice] a cluster whose pixels are mostly (> this) seen-labelled is dropped
 
@@ -120,13 +119,12 @@ class SynthesizerConfig:
     layers: int = 1  # [choice]
     heads: int = 8  # [choice]
     # Region centroids: "teacher" = the teacher's dense-token mean of the region (CLIP space; the synthesizer learns
-    # from its text loss only, prototypes enter the pixel logits detached); "student" = the old R centroids.
-    # Synthetic, 300 steps, 1 seed: teacher 33.5 hIoU (right unseen text ranked 3.0), student 23.4 (rank 5.7).
+    # from its text loss only, prototypes enter the pixel logits detached); "student" = the student's R centroids,
+    # which stay far from the text embeddings.
     query: Literal["teacher", "student"] = "teacher"
     dense_memory: bool = False  # also attend to the teacher's dense tokens (each query only to its own region's)
     # Loss pulling seen prototypes to their text: "cosine" 1 - cos(P_k, T_k); "softmax" CE over the seen texts;
-    # "sigmoid" per-text sigmoid with a learnable bias; "bce" = the old sigmoid without bias (optimum cos ~0.18).
-    # Synthetic, 300 steps, 1 seed: softmax 33.5 hIoU, cosine 27.2.
+    # "sigmoid" per-text sigmoid with a learnable bias; "bce" = the paper's sigmoid without bias (optimum cos ~0.18).
     loss: Literal["cosine", "softmax", "sigmoid", "bce"] = "softmax"
 
 
@@ -137,14 +135,14 @@ class PLMConfig:
     enabled: bool = True  # False: seen-class NEL + CE on the text classifier only (no pseudo labels, no synthesizer)
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
     synthesizer: SynthesizerConfig = field(default_factory=SynthesizerConfig)
-    nel_weight: float = 0.0  # w_nel (focal x100 + dice inside, ZegCLIP); 0: with fixed scales it kept |cos(R,T)|<0.07
+    nel_weight: float = 0.0  # [choice] w_nel (focal x100 + dice, ZegCLIP); 0: fixed scales hold its |cos(R, T)| low
     # [choice] a learnable logit bias inside NEL's sigmoid, started at the focal-loss prior -log((1 - 0.01) / 0.01)
-    # (RetinaNet): negatives no longer need cos(R, T) < 0 to be "absent" (without it NEL kept |cos| < 0.07)
+    # (RetinaNet): negatives need not reach cos(R, T) < 0 to count as absent
     nel_learnable_bias: bool = False
     ce_weight: float = 1.0  # [choice] w_ce
     bce_weight: float = 1.0  # [choice] weight of the synthesizer's text loss (plm.synthesizer.loss)
     # "separate": CE / NEL averaged over seen-label and potential-label parts apart, summed with potential_weight
-    # (potential pixels, mostly background, no longer dilute seen supervision); "joint" = the old single average.
+    # (potential pixels, mostly background, do not dilute seen supervision); "joint": one average over all pixels.
     loss_norm: Literal["separate", "joint"] = "separate"
     potential_weight: float = 1.0  # weight of the potential-label part under loss_norm="separate"
 
