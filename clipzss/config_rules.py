@@ -36,7 +36,7 @@ RULES: dict[str, Rule] = {
     "student.decoder_channels": AT_LEAST_ONE,
     "glm.weight": NON_NEGATIVE,
     "glm.tau": POSITIVE,
-    "glm.attn_tau": NON_NEGATIVE,  # 0 = METHOD.md's sqrt(C) scaling (the default)
+    "glm.attn_tau": NON_NEGATIVE,  # 0 = the paper's sqrt(C) scaling (the default)
     "glm.bank_size": NON_NEGATIVE,
     "plm.kmeans.scales": ALL_AT_LEAST_ONE,
     "plm.kmeans.iters": AT_LEAST_ONE,

@@ -219,7 +219,7 @@ def test_synthesizer_is_trained_by_its_text_loss_only():
 
 def test_a_learnable_nel_bias_lets_features_align_with_their_text():
     """Without a bias, NEL's sigmoid calls a class absent only at cos(R, T) < 0, so fitting every negative of 20
-    classes holds R away from its own text too (the audit: |cos| < 0.07 in training); a learnable bias
+    classes holds R away from its own text too (|cos| < 0.07 in training); a learnable bias
     (plm.nel_learnable_bias) moves the decision point and frees R to align with its text."""
     classes, dim = 20, 32
     torch.manual_seed(0)

@@ -124,7 +124,7 @@ def test_a_trial_retried_after_its_final_checkpoint_reports_its_result_again(ass
     from clipzss.sweep import cost
 
     def broken(*_):
-        raise RuntimeError("cost figures failed")  # what an import error after a refactor once did in CI
+        raise RuntimeError("cost figures failed")  # as a broken import in the cost code would
 
     monkeypatch.setattr(cost, "student_cost", broken)
     first = _session(monkeypatch, _FakeTune(tmp_path / "trial", storage))

@@ -120,8 +120,9 @@ def _open_store(uri: str, folder: str) -> str:
 
 
 def test_processes_opening_a_new_sqlite_store_at_once_all_get_their_run(tmp_path):
-    """MLflow builds a new SQLite file's schema on first use; processes doing that at once used to fail
-    ("duplicate column name: step"), e.g. the two direct runs of sweeps/overhead.py."""
+    """MLflow builds a new SQLite file's schema on first use; processes doing that at once race
+    ("duplicate column name: step") unless they wait on the lock beside it, as the two direct runs of sweeps/overhead.py
+    do."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 

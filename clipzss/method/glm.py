@@ -1,4 +1,4 @@
-"""Global Learning Module (METHOD.md, GLM): CLS-query attention pooling and InfoNCE against the teacher CLS."""
+"""Global Learning Module (docs/pages/method.md, GLM): CLS-query attention pooling, InfoNCE against the teacher CLS."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from torch import Tensor, nn
 def attention_pool(S: Tensor, R: Tensor, tau: float = 0.0) -> Tensor:
     """Pool the student's dense features with the teacher CLS as query (no parameters).
 
-    W = softmax_L(S . R / tau), S_hat = sum_L W R. METHOD.md wrote 1 / sqrt(C) for 1 / tau (``tau=0`` keeps it):
-    on unit vectors S . R lies in [-1, 1], so that softmax is uniform and S_hat is the mean of R (METHOD.md
-    amendments); a CLIP-like temperature (``glm.attn_tau`` = 0.07) lets the attention localise.
+    W = softmax_L(S . R / tau), S_hat = sum_L W R. The paper scales by 1 / sqrt(C) (``tau=0`` keeps it): on unit
+    vectors S . R lies in [-1, 1], so that softmax is nearly uniform and S_hat close to the mean of R; a CLIP-like
+    temperature (``glm.attn_tau`` = 0.07) lets the attention localise (docs/pages/method.md, GLM).
 
     Args:
         S: [B, C] teacher CLS embeddings.

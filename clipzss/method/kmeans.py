@@ -1,4 +1,4 @@
-"""Multi-scale cosine K-Means on the teacher's dense tokens (METHOD.md, PLM part 1, steps 1-2).
+"""Multi-scale cosine K-Means on the teacher's dense tokens (docs/pages/method.md, PLM part 1, steps 1-2).
 
 Every image and every scale is clustered at once: the centroids of all scales are concatenated into one
 [B, K, C] tensor (K = sum of K_s), so each Lloyd iteration is one batched product D^T [B, L, C] x [B, C, K].

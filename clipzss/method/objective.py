@@ -1,8 +1,8 @@
-"""The CLIP-ZSS objective: every loss term of METHOD.md in one module, returning ``(losses, report)``.
+"""The CLIP-ZSS objective: every loss term of docs/pages/method.md in one module, returning ``(losses, report)``.
 
 L = w_g L_global + w_nel L_nel(x, F) + w_ce CE(x, F) + w_bce L_text, with training logits
 x = cat(alpha R^T T_seen, beta cos(R, P_pseudo)). A module is built only when its term is enabled. Under
-``plm.loss_norm="separate"`` (METHOD.md amendments) CE and NEL are each the seen-label part (averaged over its own
+``plm.loss_norm="separate"`` (the default) CE and NEL are each the seen-label part (averaged over its own
 pixels / classes) plus ``plm.potential_weight`` times the potential-label part (averaged over its own).
 """
 

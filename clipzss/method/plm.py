@@ -1,4 +1,4 @@
-"""Pixel Learning Module (METHOD.md, PLM): pseudo labels F, region centroids, prototypes and their logits."""
+"""Pixel Learning Module (docs/pages/method.md, PLM): pseudo labels F, region centroids, prototypes and their logits."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""The synthesizer's text loss: each seen prototype P_k must land on its own class text T_k (METHOD.md amendments).
+"""The synthesizer's text loss: each seen prototype P_k must land on its own class text T_k (docs/pages/method.md).
 
-METHOD.md's L_bce (sigmoid(scale P T^T) against one-hot, no bias) has its optimum far from P = T_k: with
+The paper's L_bce (sigmoid(scale P T^T) against one-hot, no bias) has its optimum far from P = T_k: with
 scale 14.3 the best cos(P_k, T_k) is about 0.18. The other kinds have their optimum at (or towards) the text:
     cosine   1 - cos(P_k, T_k)
     softmax  cross-entropy of scale P_k T^T over the seen texts, target k
     sigmoid  sigmoid(scale P T^T + b) against one-hot, with a learnable bias b (SigLIP-style)
-    bce      the old, bias-free sigmoid (kept for the ablation)
+    bce      the paper's bias-free sigmoid (kept for the ablation)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Mask fusion across scales and the fused label map F (METHOD.md, PLM part 1, steps 3-4)."""
+"""Mask fusion across scales and the fused label map F (docs/pages/method.md, PLM part 1, steps 3-4)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ IGNORE_INDEX = 255
 def fuse_clusters(result: KMeansResult, threshold: float, mode: str = "merge") -> tuple[Tensor, Tensor, Tensor]:
     """Fuse similar clusters of different scales, then give every token one cluster of the fused set.
 
-    ``mode="merge"`` (METHOD.md amendments): centroids of DIFFERENT scales with cosine > ``threshold`` (lambda) are
+    ``mode="merge"`` (the default): centroids of DIFFERENT scales with cosine > ``threshold`` (lambda) are
     linked, and each connected group merges into one cluster (centroid = renormalised mean of its members; its mask,
     before re-assignment, the union of theirs). The fused set is the merged centroids plus the unmerged centroids
     of the finest scale (the one with the most clusters); unmerged coarser centroids are left out, so lambda and
-    the scale set change the clusters. ``mode="pairs"`` is the old reading: greedy one-to-one pairs in order of
+    the scale set change the clusters. ``mode="pairs"`` is the literal reading: greedy one-to-one pairs in order of
     decreasing similarity, and every unfused centroid of every scale stays in the set (fusion then changes nothing).
 
     Each token goes to its argmax centroid in the fused set; clusters left without tokens are removed and the rest

@@ -1,4 +1,4 @@
-"""Pseudo-weight generation (METHOD.md, PLM part 2): region centroids attend to the teacher's image tokens."""
+"""Pseudo-weight generation (docs/pages/method.md, PLM part 2): region centroids attend to the teacher's tokens."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 class Synthesizer(nn.Module):
     """A pre-norm transformer decoder turning region centroids into class prototypes.
 
-    Queries are the region centroids p_l (the teacher's dense-token means by default, METHOD.md amendments); keys and
+    Queries are the region centroids p_l (the teacher's dense-token means by default); keys and
     values are the image's teacher CLS token and, with ``dense_memory``, its dense tokens - restricted to each
     query's own region when a ``region_mask`` is given. There is no final LayerNorm: the residual stream keeps each
     prototype in the centroid's CLIP-space direction at initialisation, and the output is only L2-normalised.

@@ -1,4 +1,4 @@
-"""Prompt templates for the CLIP text classifier T (METHOD.md, "Teacher": T).
+"""Prompt templates for the CLIP text classifier T (docs/pages/method.md, "Teacher": T).
 
 "zegclip" (the config's name for the ensemble) is the usual 80-template ImageNet ensemble of the CLIP paper, taken
 from open_clip's maintained copy (``open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES``) rather than re-typed;

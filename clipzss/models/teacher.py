@@ -1,4 +1,4 @@
-"""The frozen CLIP teacher: image embedding S, dense tokens D and the text classifier T (METHOD.md, "Teacher").
+"""The frozen CLIP teacher: image embedding S, dense tokens D, text classifier T (docs/pages/method.md, "Teacher").
 
 Frozen four ways: every parameter has ``requires_grad=False``; ``train()`` always leaves it in eval mode (BatchNorm
 statistics of ResNet towers never move); ``forward`` and ``encode_text`` run under ``torch.no_grad()``; and it is
