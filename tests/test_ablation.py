@@ -43,12 +43,15 @@ def test_quick_ablation_in_parallel_logs_comparable_arms_and_a_new_parent_each_t
     for metric in ("pAcc", "mIoU_S"):
         assert all(0 <= v <= 100 for v in table[f"{metric}_mean"])
     assert all(np.isfinite(table["mIoU_U_mean"]))  # every arm, the supervised one too, is scored on the same split
+    rows = {arm: tuple(table[f"{m}_mean"][i] for m in METRICS) for i, arm in enumerate(table["arm"])}
+    assert len(set(rows.values())) == len(ARMS), rows  # each arm trains its own objective, even at smoke size
     assert (tmp_path / "ablation" / "ablation.md").read_text().count("\n") == 2 + len(ARMS)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what each of the 2 jobs had: float sums depend on the thread count
     try:
-        cli(["ablate", "--seeds", "1", "--out", out, "--quick", "--arms", "baseline,full", "--set", *overrides])
+        assert cli(["ablate", "--seeds", "1", "--out", out, "--quick", "--arms", "baseline,full", "--set",
+                    *overrides]) == 0  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     again = (tmp_path / "ablation" / "ablation.md").read_text().splitlines()[2:]
