@@ -273,9 +273,12 @@ def _train_in(cfg: Config, accelerator, output_dir: Path, checkpoint: Path | Non
     tracker = NullTracker()
     if accelerator.is_main_process:
         if cfg.tracking.enabled:
+            new_run = state is None or not (output_dir / RUN_ID_FILE).is_file()
             saved = state["config"] if state is not None else None
             tracker = _open_tracking(cfg, output_dir, saved, changes, start)
             log_datasets(tracker, cfg, train_set, val_set)
+            if new_run:
+                tracker.log_params(batch_params(cfg, accelerator.num_processes))
         save_config(cfg, output_dir / "config.yaml")  # once tracking has opened: a refused resume changes nothing
     run = RunState(cfg, accelerator, teacher, model, optimizer, scheduler, train_set, val_set, eval_text, tracker,
                    output_dir, report, stop, start)  # fmt: skip
@@ -290,6 +293,13 @@ def _train_in(cfg: Config, accelerator, output_dir: Path, checkpoint: Path | Non
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def batch_params(cfg: Config, world_size: int) -> dict[str, str]:
+    """The shape of one optimiser step, logged beside the config: trial shapes (1 GPU, 4 GPUs, 2 nodes) differ here."""
+    global_batch = cfg.data.batch_size * cfg.optim.grad_accum * world_size
+    return {"run.world_size": str(world_size), "data.per_process_batch": str(cfg.data.batch_size),
+            "data.global_batch": str(global_batch)}  # fmt: skip
 
 
 def _open_tracking(cfg: Config, output_dir: Path, saved: dict | None, changes: dict, start: int) -> Spool:

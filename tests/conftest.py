@@ -57,7 +57,9 @@ def real_store(tmp_path_factory):
         "data.max_eval_images=4",
         "run.progress=false",
     ]
-    cli(["train", *common, "optim.max_iters=4", "run.eval_interval=2", f"run.output_dir={root / 'runs' / 'synthetic'}"])
-    cli(["ablate", "--seeds", "1", "--quick", "--arms", "baseline,full", "--out", str(root / "ablation"), "--set",
-         *common])  # fmt: skip
+    train_args = ["train", *common, "optim.max_iters=4", "run.eval_interval=2",
+                  f"run.output_dir={root / 'runs' / 'synthetic'}"]  # fmt: skip
+    assert cli(train_args) == 0
+    assert cli(["ablate", "--seeds", "1", "--quick", "--arms", "baseline,full", "--out", str(root / "ablation"),
+                "--set", *common]) == 0  # fmt: skip
     return root, common

@@ -1,6 +1,6 @@
 """A logged student in MLflow's model registry: a version of a registered model, pointed at by an alias.
 
-``models:/<model>@<alias>`` then loads it (``clipzss segment --model models:/...``, ``mlflow.pytorch.load_model``).
+``models:/<model>@<alias>`` then loads it (``clipzss segment --model models:/...``, ``mlflow.pyfunc.load_model``).
 Training (``--register-as``), ``clipzss ablate`` and the sweeps register through :func:`register_version`.
 """
 

@@ -7,8 +7,8 @@ in the run directory (``tracking_spool.jsonl``), then delivered in order by one 
 - **Nothing is lost in an outage.** A call that fails for a network or server reason stays in the journal and is
   retried with back-off until the server answers; what is still undelivered when the run ends waits in the journal
   and is delivered by the next ``--resume`` of that folder.
-- **Training is never blocked.** Appending a line is all the training thread does; the closing flush waits at most
-  :data:`FLUSH_SECONDS`.
+- **Training is never blocked.** Appending a line is all the training thread does; the closing flush gives up once
+  :data:`FLUSH_SECONDS` pass without a delivery.
 - **A metric is committed once per (key, step).** A resumed run recomputes the steps after its last checkpoint
   (bit-identically); values already journalled for those steps are not logged again, and each metric carries the
   timestamp of its first journalling, so a redelivery after a crash is an exact duplicate that MLflow ignores.
@@ -39,6 +39,7 @@ from clipzss.engine.journal import CURSOR, JOURNAL, Journal, read_journal, read_
 REJECTED = "tracking_spool.rejected.jsonl"
 ARRAYS = "tracking_spool_arrays"
 FLUSH_SECONDS = 15.0  # the longest a run's end waits for an unreachable server
+FLUSH_CAP_SECONDS = 600.0  # the longest it waits for a slow one that keeps answering
 MAX_BACKOFF = 30.0
 # MLflow error codes that mean "this request is wrong" rather than "the server is away".
 REFUSALS = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS"}
@@ -90,6 +91,7 @@ class Spool:
         self._quiet_http = quiet_http
         self._wake = threading.Condition()
         self._closing = False
+        self._in_call = False  # the delivery thread is inside a call to the store
         self.outage_since: float | None = None
         self.store_full = False  # the store's last failure said its disk is full
         _import_ipython_here()
@@ -137,12 +139,18 @@ class Spool:
 
     # ---- the delivery side ---------------------------------------------------------------------------------------
     def close(self, wait: float | None = None) -> int:
-        """Stop after delivering what can be delivered within ``wait`` seconds (default :data:`FLUSH_SECONDS`);
-        returns the number of records left waiting in the journal."""
-        deadline = time.monotonic() + (FLUSH_SECONDS if wait is None else wait)
+        """Stop after delivering what can be delivered until ``wait`` seconds pass without a delivery (default
+        :data:`FLUSH_SECONDS`: a slow server that still answers is waited for, an absent one is not); returns the
+        number of records left waiting in the journal."""
+        wait = FLUSH_SECONDS if wait is None else wait
+        deadline, cap = time.monotonic() + wait, time.monotonic() + FLUSH_CAP_SECONDS
         with self._wake:
-            while self._delivered < len(self._records) and time.monotonic() < deadline:
+            seen = self._delivered
+            while self._delivered < len(self._records) and time.monotonic() < min(deadline, cap):
                 self._wake.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+                working = self._in_call and self.outage_since is None  # a long call (a model upload) on a live store
+                if self._delivered > seen or working:
+                    seen, deadline = self._delivered, time.monotonic() + wait
             self._closing = True
             self._wake.notify_all()
         self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 6)
@@ -176,7 +184,12 @@ class Spool:
                 if self._closing and (self._delivered >= len(self._records) or self.outage_since is not None):
                     return
                 record, void = self._records[self._delivered], self._delivered in self._void
-            if void or self._deliver(record):
+            self._in_call = True
+            try:
+                delivered = void or self._deliver(record)
+            finally:
+                self._in_call = False
+            if delivered:
                 backoff = min(1.0, MAX_BACKOFF)
                 with self._wake:
                     self._delivered += 1

@@ -3,7 +3,7 @@
 Each finished sweep adds one version to a registered model (by default ``clipzss-<experiment>``): the logged
 ``student`` of its best trial that trained to the end (an ASHA-stopped trial logs no model). The version carries the
 sweep, the trial's run and its ``val/hIoU`` as tags, and an alias named after the sweep, so
-``models:/<model>@<sweep>`` loads it (``clipzss segment --model models:/...``, ``mlflow.pytorch.load_model``).
+``models:/<model>@<sweep>`` loads it (``clipzss segment --model models:/...``, ``mlflow.pyfunc.load_model``).
 """
 
 from __future__ import annotations
