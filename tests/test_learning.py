@@ -1,8 +1,7 @@
 """Training learns: the synthetic preset trained for a few hundred steps, baseline and full CLIP-ZSS on the same seeds.
 
 Slow (4 runs of 300 steps; a few minutes on 2 idle cores): run by its own bounded step of .ci/run. Figures are
-printed for the CI log; the thresholds are margins below what such runs measured (docs/pages/method.md, "Learning
-check"), not the figures themselves.
+printed for the CI log.
 """
 
 from pathlib import Path
@@ -20,7 +19,12 @@ pytestmark = pytest.mark.slow
 
 STEPS = 300
 SEEDS = (0, 1)
-SEEN_MARGIN = 10.0  # points of mIoU(S) above a uniform guess (baseline seed 0 measured 30.8 at 300 steps)
+# Margins about half of what 300-step runs measured (docs/pages/method.md, "Learning check"): a uniform guess scores
+# mIoU(S) 1.2, the runs 27.7-31.6; full's mIoU(U) led the baseline's by 18.8 points; the last logged losses were
+# 0.20-0.22 (baseline) and 0.51 (full) of the first ones.
+SEEN_MARGIN = 15.0
+UNSEEN_LEAD = 10.0
+LOSS_RATIO = 0.7
 
 
 def chance_miou_seen(val_set) -> float:
@@ -59,8 +63,8 @@ def test_the_synthetic_preset_learns_and_full_clip_zss_beats_the_baseline_on_uns
               f"mIoU(U) {final['val/mIoU_U']:.1f}, hIoU {final['val/hIoU']:.1f}")  # fmt: skip
     for (arm, seed), (final, losses) in results.items():
         assert len(losses) == STEPS // 10
-        assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), (arm, seed, losses)  # measured: 3.07 -> 0.44
+        assert np.mean(losses[-5:]) < LOSS_RATIO * np.mean(losses[:3]), (arm, seed, losses)
         assert final["val/mIoU_S"] > chance + SEEN_MARGIN, (arm, seed, final, chance)
     for seed in SEEDS:
         full, baseline = results[("full", seed)][0], results[("baseline", seed)][0]
-        assert full["val/mIoU_U"] > baseline["val/mIoU_U"], (seed, full, baseline)
+        assert full["val/mIoU_U"] > baseline["val/mIoU_U"] + UNSEEN_LEAD, (seed, full, baseline)
