@@ -127,7 +127,7 @@ def test_a_worker_killed_mid_trial_restarts_its_group_into_the_same_run(assets, 
     try:
         checkpoints = tmp_path / "ray" / "kill"
         deadline = time.monotonic() + 600
-        while not list(checkpoints.glob("*/workers/checkpoint_*/step_4.pt")):  # the first checkpoint is in storage
+        while not list(checkpoints.glob("*/workers/checkpoint_*/step_*.pt")):  # the first checkpoint is in storage
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-4000:]
             time.sleep(0.5)
         pids = _worker_pids(env["RAY_TMPDIR"])
@@ -216,7 +216,7 @@ def test_a_killed_driver_resumes_its_multi_worker_trial(assets, tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 600
-        while not list((tmp_path / "ray" / "resume").glob("*/workers/checkpoint_*/step_2.pt")):
+        while not list((tmp_path / "ray" / "resume").glob("*/workers/checkpoint_*/step_*.pt")):
             assert driver.poll() is None and time.monotonic() < deadline, "the sweep ended before its first checkpoint"
             time.sleep(0.5)
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the private Ray it started
