@@ -87,7 +87,8 @@ class Spool:
         self._delivered = self._journal.delivered
         waiting = range(self._delivered, len(self._records))
         self._void = {i for i in waiting if self._records[i]["op"] == "finish"} if continuing else set()
-        self._seen = {(k, r["args"][1]) for r in self._records if r["op"] == "log_metrics" for k in r["args"][0]}
+        self._stamps = {(k, r["args"][1]): r["kwargs"].get("timestamp_ms") for r in self._records
+                        if r["op"] == "log_metrics" for k in r["args"][0]}  # fmt: skip  # (key, step) -> first stamp
         self._quiet_http = quiet_http
         self._wake = threading.Condition()
         self._closing = False
@@ -107,11 +108,19 @@ class Spool:
     def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         """Journal the (key, step) pairs not journalled before, stamped now (or ``timestamp_ms``: when they were
         produced, for values copied from another journal)."""
-        fresh = {k: float(v) for k, v in metrics.items() if (k, step) not in self._seen and np.isfinite(v)}
+        fresh = {k: float(v) for k, v in metrics.items() if (k, step) not in self._stamps and np.isfinite(v)}
         if fresh:
-            self._seen.update((k, step) for k in fresh)
             stamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+            self._stamps.update({(k, step): stamp for k in fresh})
             self._append("log_metrics", [fresh, step], {"timestamp_ms": stamp})
+
+    def log_model_metrics(self, metrics: dict[str, float], step: int, name: str = "student") -> None:
+        """Journal metrics of the run's logged model, each with the stamp it was first logged to the run with at
+        ``step`` (MLflow files a model's metric under its run too: the same stamp makes that an exact duplicate,
+        which MLflow drops, so each (metric, step) stays once in the run's history)."""
+        stamps = {k: self._stamps[(k, step)] for k in metrics if (k, step) in self._stamps}
+        self._append("log_model_metrics", [{k: float(v) for k, v in metrics.items()}, step],
+                     {"name": name, "timestamps_ms": stamps})  # fmt: skip
 
     def pending(self) -> int:
         with self._wake:

@@ -318,15 +318,19 @@ class Tracker:
         """An RGB picture under ``key`` at ``step``: MLflow's image grid shows the latest, with a slider over steps."""
         self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
 
-    def log_model_metrics(self, metrics: dict[str, float], step: int, name: str = "student") -> None:
-        """Metrics of the run's logged model ``name`` (MLflow 3 ranks and compares logged models by them)."""
+    def log_model_metrics(
+        self, metrics: dict[str, float], step: int, name: str = "student", timestamps_ms: dict[str, int] | None = None
+    ) -> None:
+        """Metrics of the run's logged model ``name`` (MLflow 3 ranks and compares logged models by them), stamped
+        with ``timestamps_ms`` where given: MLflow also files them under the run, and a metric the run already has
+        at that step with the same stamp and value is dropped as a duplicate."""
         from mlflow.entities import Metric
 
         experiment = self.client.get_run(self.run_id).info.experiment_id
         query = f"name = '{name}' AND source_run_id = '{self.run_id}'"
         (model,) = self.client.search_logged_models([experiment], filter_string=query, max_results=1)
-        stamp = int(time.time() * 1000)
-        rows = [Metric(k, rounded(v), stamp, step, model_id=model.model_id) for k, v in metrics.items()]
+        now, stamps = int(time.time() * 1000), timestamps_ms or {}
+        rows = [Metric(k, rounded(v), stamps.get(k, now), step, model_id=model.model_id) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=[r for r in rows if np.isfinite(r.value)])
 
     def register_student(self, model: str, alias: str, tags: dict[str, str], description: str) -> str | None:

@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from clipzss.config import Config
+from clipzss.config import Config, set_value
 from clipzss.engine.checkpoint import MODEL_FILE, latest_checkpoint
 from clipzss.sweep.shape import PLACEMENTS, TrialShape
 
@@ -73,6 +73,8 @@ def run_worker_trial(cfg: Config, workers: int, shape: TrialShape, max_failures:
     storage = tune.get_context().get_storage()
     channel = ray.remote(num_cpus=0)(TrialChannel).remote()
     gpus = shape.gpus_per_worker if cfg.run.device != "cpu" else 0.0
+    if gpus == 0:  # workers without a GPU join Ray's gloo group only as Accelerate's CPU processes
+        set_value(cfg, "run.device", "cpu")
     trainer = TorchTrainer(
         worker_main,
         train_loop_config={
