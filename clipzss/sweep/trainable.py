@@ -29,16 +29,21 @@ _STEP_FILE = re.compile(r"step_(\d+)\.pt$")
 STOP_GRACE_SECONDS = 300.0  # the longest a stopped trial waits for its run to close
 
 
-def _tune_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
-    """Report to Tune; a checkpoint travels as a folder holding only that one file."""
-    from ray import tune
-
+def report_checkpoint_file(report, checkpoint_cls, metrics: dict[str, float], checkpoint: Path | None) -> None:
+    """Call Ray's ``report`` (Tune's or Train's) with ``metrics`` and, if any, the checkpoint file as a folder holding
+    only that one file (``checkpoint_cls``: the matching ``Checkpoint``); Ray copies it to storage before returning."""
     if checkpoint is None:
-        tune.report(metrics)
+        report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
         shutil.copy2(checkpoint, folder)
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))  # copied to storage before return
+        report(metrics, checkpoint=checkpoint_cls.from_directory(folder))
+
+
+def _tune_report(metrics: dict[str, float], checkpoint: Path | None) -> None:
+    from ray import tune
+
+    report_checkpoint_file(tune.report, tune.Checkpoint, metrics, checkpoint)
 
 
 def restore_latest_checkpoint(output_dir: Path) -> Path | None:

@@ -22,8 +22,6 @@ times); the MLflow run continues and the spool commits each (metric, step) once.
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -197,12 +195,9 @@ def worker_main(loop: dict[str, Any]) -> None:
 
 
 def _report_to_train(metrics: dict[str, float], checkpoint: Path | None) -> None:
-    """``ray.train.report`` on every rank; rank 0's checkpoint travels as a folder holding only that one file."""
+    """``ray.train.report`` on every rank; only rank 0 has a checkpoint to pass."""
     from ray import train
 
-    if checkpoint is None:
-        train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        shutil.copy2(checkpoint, folder)
-        train.report(metrics, checkpoint=train.Checkpoint.from_directory(folder))  # uploaded before it returns
+    from clipzss.sweep.trainable import report_checkpoint_file
+
+    report_checkpoint_file(train.report, train.Checkpoint, metrics, checkpoint)
